@@ -1,0 +1,1 @@
+"""Weight adapters: key maps from other checkpoint formats onto DualTowerVLM."""

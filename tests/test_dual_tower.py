@@ -1,0 +1,127 @@
+"""The dual-tower forward equals the original algorithm (dense masks, right tower over everything)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from model_helpers import original_text_hidden, random_batch
+
+from dualtower.model import DualTowerVLM
+from dualtower.model.config import LMConfig, ModelConfig, VisionConfig, flavor
+
+
+def tiny_config(n_heads: int = 6, n_kv_heads: int = 2) -> ModelConfig:
+    cfg = flavor("debug")
+    cfg.vision = VisionConfig(image_size=32, patch_size=8, hidden_dim=16, inter_dim=32, n_heads=2, n_blocks=1)
+    # A 200-token base vocabulary keeps the embedding gradients cheap.
+    cfg.lm = LMConfig(
+        hidden_dim=8 * n_heads, inter_dim=64, n_heads=n_heads, n_kv_heads=n_kv_heads, n_blocks=2, base_vocab_size=200
+    )
+    return cfg.validate()
+
+
+def _build(cfg: ModelConfig) -> DualTowerVLM:
+    return DualTowerVLM.from_config(cfg).double()
+
+
+LAYOUTS = [
+    [(1, 3, 5)],  # one document
+    [(0, 0, 7)],  # no image: plain causal LM
+    [(2, 3, 1), (0, 0, 4), (1, 0, 9)],  # one-token text, empty prefix, no extra prefix tokens
+    [(1, 2, 3), (3, 1, 2), (1, 4, 6), (0, 0, 1)],  # four documents
+]
+
+
+def _outputs_and_grads(model: DualTowerVLM, batch, weights, fn):
+    out = fn(model, batch)
+    grads = torch.autograd.grad((out * weights.to(out.dtype)).sum(), list(model.parameters()), allow_unused=True)
+    return out, grads
+
+
+def _ours(model, batch):
+    return model(batch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda d: f"{len(d)}docs")
+@pytest.mark.parametrize("heads", [(6, 2), (5, 5), (6, 1)], ids=["gqa3", "mha", "mqa"])
+def test_forward_and_gradients_match_original_algorithm(layout, heads, dtype) -> None:
+    torch.manual_seed(len(layout) * 10 + heads[1])
+    model = DualTowerVLM.from_config(tiny_config(*heads)).to(dtype)
+    batch = random_batch(model, layout, torch.Generator().manual_seed(len(layout)))
+    batch.pixel_values = batch.pixel_values.to(dtype)
+    weights = torch.randn(batch.text_ids.numel(), model.cfg.lm.hidden_dim, dtype=torch.float64)
+
+    ours, ours_grads = _outputs_and_grads(model, batch, weights, _ours)
+    oracle, oracle_grads = _outputs_and_grads(model, batch, weights, original_text_hidden)
+    assert ours.shape == (batch.text_ids.numel(), model.cfg.lm.hidden_dim)
+    names = [n for n, _ in model.named_parameters()]
+
+    if dtype == torch.float64:  # the two algorithms are the same computation
+        torch.testing.assert_close(ours, oracle, atol=1e-10, rtol=0)
+        for name, g_ours, g_oracle in zip(names, ours_grads, oracle_grads, strict=True):
+            if g_oracle is None:
+                assert g_ours is None or g_ours.abs().max() == 0, name
+            else:
+                torch.testing.assert_close(g_ours, g_oracle, atol=1e-10, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+        return
+
+    torch.testing.assert_close(ours, oracle, atol=1e-5, rtol=0)
+    # fp32 gradients sum over every token that uses a weight; judge ours against the fp64 truth, allowing
+    # twice the oracle's own fp32 rounding error plus 1e-5 (the FlashAttention test convention).
+    model64 = model.double()
+    batch.pixel_values = batch.pixel_values.double()
+    _, true_grads = _outputs_and_grads(model64, batch, weights, original_text_hidden)
+    for name, g_ours, g_oracle, g_true in zip(names, ours_grads, oracle_grads, true_grads, strict=True):
+        if g_true is None:
+            continue
+        ours_err = (g_ours.double() - g_true).abs().max().item()
+        oracle_err = (g_oracle.double() - g_true).abs().max().item()
+        assert ours_err <= 2 * oracle_err + 1e-5, f"{name}: ours {ours_err:.2e}, oracle fp32 {oracle_err:.2e}"
+
+
+def test_gradients_reach_the_left_tower_through_prefix_kv() -> None:
+    model = _build(tiny_config())
+    batch = random_batch(model, [(1, 2, 5)], torch.Generator().manual_seed(0))
+    batch.pixel_values = batch.pixel_values.double()
+    model.loss_sum(batch).backward()
+    assert model.projector.proj.weight.grad.abs().sum() > 0
+    assert model.left_decoder.blocks[0].attn.k_proj.weight.grad.abs().sum() > 0
+    for param in model.unused_parameters():
+        assert param.grad is None
+
+
+def test_loss_sum_is_the_sum_of_supervised_token_losses() -> None:
+    model = _build(tiny_config())
+    batch = random_batch(model, [(1, 2, 6), (0, 0, 5)], torch.Generator().manual_seed(1))
+    batch.pixel_values = batch.pixel_values.double()
+    logits = model.logits(model(batch))
+    expected = torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum")
+    torch.testing.assert_close(model.loss_sum(batch), expected.float(), atol=1e-5, rtol=1e-6)
+
+
+def test_vanilla_equals_one_causal_lm_over_the_whole_sequence() -> None:
+    cfg = tiny_config()
+    cfg.architecture = "vanilla"
+    model = _build(cfg)
+    batch = random_batch(model, [(1, 2, 4), (0, 0, 3), (2, 0, 2)], torch.Generator().manual_seed(2))
+    batch.pixel_values = batch.pixel_values.double()
+    ours = model(batch)
+    # One causal pass per document over [prefix; text] with the same LM.
+    lm = model.left_decoder
+    embeds = model.prefix_embeddings(batch)
+    cu_p, cu_t = batch.cu_prefix.tolist(), batch.cu_text.tolist()
+    expected = []
+    for doc in range(len(cu_t) - 1):
+        x = torch.cat([embeds[cu_p[doc] : cu_p[doc + 1]], lm.token_embedding(batch.text_ids[cu_t[doc] : cu_t[doc + 1]])])
+        cu = torch.tensor([0, x.shape[0]], dtype=torch.int32)
+        hidden = lm(x, torch.arange(x.shape[0]), cu, x.shape[0])
+        expected.append(hidden[cu_p[doc + 1] - cu_p[doc] :])
+    torch.testing.assert_close(ours, torch.cat(expected), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize(("name", "expected"), [("135m", 362_616_960), ("360m", 821_998_464)])
+def test_flavor_parameter_counts_on_meta(name: str, expected: int) -> None:
+    model = DualTowerVLM.from_flavor(name, device="meta")
+    assert model.num_parameters() == expected
+    assert next(model.parameters()).is_meta
