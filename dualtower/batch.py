@@ -57,5 +57,9 @@ class PackedBatch:
         return replace(self, **moved)
 
     def pin_memory(self) -> PackedBatch:
-        pinned = {f.name: getattr(self, f.name).pin_memory() for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        pinned = {
+            f.name: getattr(self, f.name).pin_memory()
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
         return replace(self, **pinned)

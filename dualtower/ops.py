@@ -1,59 +1,209 @@
 """The one entry point for attention and the other hot ops; picks a backend per call.
 
-Backends (see DESIGN.md section 2): "reference" (pure PyTorch, the CPU fallback and test oracle) and the fast
-ones registered by the kernels package. `DUALTOWER_BACKEND` (environment) or `set_backend()` overrides the
-automatic choice; "auto" picks the fastest available on the tensors' device.
+Backends (DESIGN.md section 2):
+    "triton"        our fused kernels (dualtower_kernels), on CUDA, or on CPU under TRITON_INTERPRET=1
+    "flash"         flash-attn varlen (attention only; needs `pip install flash-attn`, CUDA)
+    "torch_varlen"  torch.nn.attention.varlen.varlen_attn (attention only; CUDA)
+    "reference"     pure PyTorch: the CPU fallback and the test oracle
+"auto" picks the fastest available on the tensors' device: triton on CUDA, reference on CPU. Override with
+`set_backend(name)` (what the model / trainer config passes), `set_backend(name, op=...)` for one op, or the
+environment variable DUALTOWER_BACKEND. A forced backend applies to the ops that implement it; the others
+keep their automatic choice (so "flash" changes attention only). flash / torch_varlen get K = [prefix; text]
+per document, concatenated: their bottom-right-aligned causal mask is exactly our semantics.
 
 Shape legend: Nt text tokens, Np prefix tokens, Hq / Hkv query / key-value heads, D head dim, B rows.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import inspect
 import logging
+import math
 import os
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.functional import scaled_dot_product_attention
 
-from dualtower_kernels.decode_attention import decode_attention_reference
-from dualtower_kernels.linear_cross_entropy import linear_cross_entropy_reference
-from dualtower_kernels.prefix_attention import prefix_attention_reference
-from dualtower_kernels.projector import pixel_shuffle_project_reference
+from dualtower_kernels import decode_attention as _decode
+from dualtower_kernels import linear_cross_entropy as _lce
+from dualtower_kernels import prefix_attention as _prefix
+from dualtower_kernels import projector as _projector
+from dualtower_kernels._common import INTERPRET
 
 logger = logging.getLogger(__name__)
 
-REFERENCE = "reference"
-_override: str | None = None
+AUTO, TRITON, FLASH, TORCH_VARLEN, REFERENCE = "auto", "triton", "flash", "torch_varlen", "reference"
+BACKENDS = (AUTO, TRITON, FLASH, TORCH_VARLEN, REFERENCE)
 
-# op name -> backend name -> implementation. Fast backends add themselves here.
+_override: str | None = None
+_op_overrides: dict[str, str] = {}
+_logged: set[tuple[str, str, str]] = set()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Library backends for prefix attention: K/V concatenated per document, causal bottom-right aligned
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _flash_attend(q, keys, values, cu_q, cu_k, max_q, max_k, scale) -> Tensor:
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as exc:  # pragma: no cover - only where flash-attn is installed
+        raise RuntimeError("the 'flash' backend needs flash-attn: pip install 'dualtower[flash]'") from exc
+    return flash_attn_varlen_func(q, keys, values, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True)
+
+
+def _varlen_params() -> frozenset[str]:
+    """Keyword names of the installed varlen_attn: 2.10 has is_causal; later ones window_size / enable_gqa."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return frozenset()
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+# Probed once at import: inspect / importlib do not belong inside a compiled graph.
+_VARLEN_PARAMS = _varlen_params()
+_FLASH_INSTALLED = importlib.util.find_spec("flash_attn") is not None
+
+
+def torch_varlen_attention(
+    q: Tensor, keys: Tensor, values: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
+    scale: float | None = None,
+) -> Tensor:
+    """Bottom-right-aligned causal varlen attention through torch's varlen_attn, whatever its signature."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    kwargs: dict = {"window_size": (-1, 0)} if "window_size" in _VARLEN_PARAMS else {"is_causal": True}
+    if q.shape[1] != keys.shape[1]:
+        if "enable_gqa" in _VARLEN_PARAMS:
+            kwargs["enable_gqa"] = True
+        else:  # older torch: no GQA, so repeat the K/V heads
+            group = q.shape[1] // keys.shape[1]
+            keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    if scale is not None:
+        if "scale" in _VARLEN_PARAMS:
+            kwargs["scale"] = scale
+        else:
+            q = q * (scale * math.sqrt(q.shape[-1]))
+    return varlen_attn(q, keys, values, cu_q.int(), cu_k.int(), max_q, max_k, **kwargs)
+
+
+def _library_prefix_attention(attend, q, k, v, k_prefix, v_prefix, cu_text, cu_prefix, max_text_len,
+                              max_prefix_len, scale=None) -> Tensor:
+    """flash / torch_varlen: K = [prefix; text] per document, merged, then causal (bottom-right aligned).
+
+    The libraries never write the rows after the last document, in the output or in the gradients; masking
+    those rows of every input and of the output keeps them (and their gradients) exactly zero, like ours.
+    """
+    in_text = (torch.arange(q.shape[0], device=q.device) < cu_text[-1])[:, None, None]
+    q, k, v = (torch.where(in_text, t, 0) for t in (q, k, v))
+    if k_prefix.shape[0] == 0:  # the left tower's causal pass: nothing to merge
+        keys, values, cu_k = k, v, cu_text
+    else:
+        in_prefix = (torch.arange(k_prefix.shape[0], device=q.device) < cu_prefix[-1])[:, None, None]
+        k_prefix, v_prefix = (torch.where(in_prefix, t, 0) for t in (k_prefix, v_prefix))
+        keys, values, cu_k = _prefix.concat_prefix_text(k, v, k_prefix, v_prefix, cu_text, cu_prefix)
+    out = attend(q, keys, values, cu_text, cu_k, max_text_len, max_text_len + max_prefix_len, scale)
+    return torch.where(in_text, out, 0)
+
+
+# op name -> backend name -> implementation
 _IMPLEMENTATIONS: dict[str, dict[str, Callable[..., Tensor]]] = {
-    "prefix_attention": {REFERENCE: prefix_attention_reference},
-    "decode_attention": {REFERENCE: decode_attention_reference},
-    "linear_cross_entropy": {REFERENCE: linear_cross_entropy_reference},
-    "pixel_shuffle_project": {REFERENCE: pixel_shuffle_project_reference},
+    "prefix_attention": {
+        TRITON: _prefix.prefix_attention,
+        FLASH: functools.partial(_library_prefix_attention, _flash_attend),
+        TORCH_VARLEN: functools.partial(_library_prefix_attention, torch_varlen_attention),
+        REFERENCE: _prefix.prefix_attention_reference,
+    },
+    "decode_attention": {TRITON: _decode.decode_attention, REFERENCE: _decode.decode_attention_reference},
+    "linear_cross_entropy": {
+        TRITON: _lce.linear_cross_entropy,
+        REFERENCE: _lce.linear_cross_entropy_reference,
+    },
+    "pixel_shuffle_project": {
+        TRITON: _projector.pixel_shuffle_project,
+        REFERENCE: _projector.pixel_shuffle_project_reference,
+    },
 }
 
 
-def set_backend(name: str | None) -> None:
-    """Force a backend for every op ("reference", ...), or None / "auto" for the automatic choice."""
+# ------------------------------------------------------------------------------------------------------------
+# Selection
+# ------------------------------------------------------------------------------------------------------------
+
+
+def set_backend(name: str | None, op: str | None = None) -> None:
+    """Force a backend ("triton", "flash", "torch_varlen", "reference") or None / "auto" for the automatic choice.
+
+    With `op`, only that op ("prefix_attention", "decode_attention", "linear_cross_entropy",
+    "pixel_shuffle_project") is affected; an op-level choice beats the global one and DUALTOWER_BACKEND.
+    """
     global _override
-    _override = None if name in (None, "auto") else name
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if op is not None and op not in _IMPLEMENTATIONS:
+        raise ValueError(f"unknown op {op!r}; choose one of {', '.join(_IMPLEMENTATIONS)}")
+    choice = None if name in (None, AUTO) else name
+    if op is None:
+        _override = choice
+    elif choice is None:
+        _op_overrides.pop(op, None)
+    else:
+        _op_overrides[op] = choice
 
 
-def available_backends(op: str) -> list[str]:
-    return list(_IMPLEMENTATIONS[op])
+def is_available(backend: str, device: torch.device | str) -> bool:
+    """Whether `backend` can run on tensors of `device` here (not whether it implements a given op)."""
+    device_type = torch.device(device).type
+    if backend == REFERENCE:
+        return True
+    if backend == TRITON:
+        return device_type == "cuda" or (INTERPRET and device_type == "cpu")
+    if backend == FLASH:
+        return device_type == "cuda" and _FLASH_INSTALLED
+    if backend == TORCH_VARLEN:
+        return device_type == "cuda" and bool(_VARLEN_PARAMS)
+    return False
+
+
+def implementation(op: str, backend: str) -> Callable[..., Tensor]:
+    """The function `backend` runs for `op` (benchmarks time each one directly)."""
+    return _IMPLEMENTATIONS[op][backend]
+
+
+def available_backends(op: str, device: torch.device | str = "cpu") -> list[str]:
+    return [name for name in _IMPLEMENTATIONS[op] if is_available(name, device)]
+
+
+def selected_backend(op: str, device: torch.device | str) -> str:
+    """The backend `op` would use on `device` now."""
+    wanted = _op_overrides.get(op) or _override or os.environ.get("DUALTOWER_BACKEND") or AUTO
+    if wanted not in BACKENDS:
+        raise ValueError(f"DUALTOWER_BACKEND={wanted!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+    if wanted != AUTO and wanted in _IMPLEMENTATIONS[op]:
+        if not is_available(wanted, device):
+            raise RuntimeError(f"backend {wanted!r} is not available for {op} on {torch.device(device).type} here")
+        return wanted
+    return TRITON if torch.device(device).type == "cuda" else REFERENCE
 
 
 def _resolve(op: str, device: torch.device) -> Callable[..., Tensor]:
-    wanted = _override or os.environ.get("DUALTOWER_BACKEND") or "auto"
-    impls = _IMPLEMENTATIONS[op]
-    if wanted != "auto":
-        if wanted not in impls:
-            raise ValueError(f"backend {wanted!r} is not available for {op}; available: {', '.join(impls)}")
-        return impls[wanted]
-    return impls[REFERENCE]
+    name = selected_backend(op, device)
+    key = (op, name, device.type)
+    if key not in _logged and not torch.compiler.is_compiling():
+        _logged.add(key)
+        logger.info("%s: using the %r backend on %s", op, name, device.type)
+    return _IMPLEMENTATIONS[op][name]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Public ops (the model calls these)
+# ------------------------------------------------------------------------------------------------------------
 
 
 def prefix_attention(
@@ -71,6 +221,7 @@ def prefix_attention(
     """q (Nt, Hq, D), k/v (Nt, Hkv, D), k_prefix/v_prefix (Np, Hkv, D) -> (Nt, Hq, D).
 
     Per document: its text queries see its whole prefix and its text causally. No document sees another.
+    cu_text / cu_prefix are (B + 1,) int32 offsets; max_text_len / max_prefix_len bound the per-document lengths.
     """
     impl = _resolve("prefix_attention", q.device)
     return impl(q, k, v, k_prefix, v_prefix, cu_text, cu_prefix, max_text_len, max_prefix_len, scale)
@@ -85,10 +236,12 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_le
 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Non-causal attention over fixed-length sequences (the ViT): (B, H, S, D) -> (B, H, S, D)."""
-    return F.scaled_dot_product_attention(q, k, v)
+    return scaled_dot_product_attention(q, k, v)
 
 
-def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, scale: float | None = None) -> Tensor:
+def decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, scale: float | None = None
+) -> Tensor:
     """q (B, Hq, D) over caches (B, Hkv, S, D) where row b holds lengths[b] valid positions -> (B, Hq, D)."""
     return _resolve("decode_attention", q.device)(q, k_cache, v_cache, lengths, scale)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -52,7 +53,7 @@ def random_batch(model: DualTowerVLM, docs: list[tuple[int, int, int]], generato
         tiles_per_doc=torch.tensor([d[0] for d in docs]),
         image_token_index=torch.tensor(image_index, dtype=torch.long),
         doc_row=torch.zeros(len(docs), dtype=torch.long),
-        max_prefix_len=max(b - a for a, b in zip(cu_prefix, cu_prefix[1:], strict=False)),
+        max_prefix_len=max(b - a for a, b in itertools.pairwise(cu_prefix)),
         max_text_len=max(d[2] for d in docs),
         num_rows=1,
         row_capacity=0,

@@ -113,7 +113,8 @@ def test_vanilla_equals_one_causal_lm_over_the_whole_sequence() -> None:
     cu_p, cu_t = batch.cu_prefix.tolist(), batch.cu_text.tolist()
     expected = []
     for doc in range(len(cu_t) - 1):
-        x = torch.cat([embeds[cu_p[doc] : cu_p[doc + 1]], lm.token_embedding(batch.text_ids[cu_t[doc] : cu_t[doc + 1]])])
+        text = lm.token_embedding(batch.text_ids[cu_t[doc] : cu_t[doc + 1]])
+        x = torch.cat([embeds[cu_p[doc] : cu_p[doc + 1]], text])
         cu = torch.tensor([0, x.shape[0]], dtype=torch.int32)
         hidden = lm(x, torch.arange(x.shape[0]), cu, x.shape[0])
         expected.append(hidden[cu_p[doc + 1] - cu_p[doc] :])

@@ -15,6 +15,9 @@ LM over the whole sequence.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -64,6 +67,25 @@ class DualTowerVLM(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Parameter count; tied weights are counted once."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # -- checkpoints (dualtower/hub.py; imported lazily because hub imports this module) ----------------------
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, **kwargs: Any) -> DualTowerVLM:
+        """Load our, the original DualTowerVLM's or a nanoVLM checkpoint (see hub.load_pretrained)."""
+        from dualtower import hub
+
+        return hub.load_pretrained(source, **kwargs)
+
+    def save_pretrained(self, directory: str | Path, tokenizer: Any = None) -> Path:
+        from dualtower import hub
+
+        return hub.save_pretrained(self, directory, tokenizer=tokenizer)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        from dualtower import hub
+
+        return hub.push_to_hub(self, repo_id, **kwargs)
 
     # -- left tower ---------------------------------------------------------------------------------------
 
@@ -120,3 +142,9 @@ class DualTowerVLM(nn.Module):
         if self.right_decoder is None:
             return []
         return self.left_decoder.unused_in_prefix_pass()
+
+    def generate(self, requests: list[Any], tokenizer: Any, sampling: Any = None, **options: Any) -> list[Any]:
+        """Answer `dualtower.generation.GenerationRequest`s; keep a `Generator` instead to reuse its caches."""
+        from dualtower.generation import Generator
+
+        return Generator(self, tokenizer, **options).generate(requests, sampling)

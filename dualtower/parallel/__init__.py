@@ -49,7 +49,10 @@ def parallelize(model: nn.Module, parallel_cfg, env: DistEnv) -> ParallelPlan:
         apply_fsdp(model, env.mesh, low_precision, reduce_dtype, parallel_cfg.reshard_after_forward)
     logger.info(
         "parallel: fsdp=%s compile=%s ac=%s precision=%s",
-        use_fsdp, parallel_cfg.compile, parallel_cfg.activation_checkpointing, low_precision or "fp32",
+        use_fsdp,
+        parallel_cfg.compile,
+        parallel_cfg.activation_checkpointing,
+        low_precision or "fp32",
     )
     barrier()
     return ParallelPlan(fsdp=use_fsdp, autocast_dtype=None if use_fsdp else low_precision)

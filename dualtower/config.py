@@ -1,0 +1,376 @@
+"""Training job configuration: typed nested dataclasses, TOML recipes and `--section.key=value` overrides.
+
+Precedence: command line > TOML file > the defaults below. Every section is its own dataclass and every builder
+receives only its own section (the trainer gets [training], the optimizer [optim], ...). `load_job_config`
+raises `ConfigError` with a one-line message naming the offending key or value; `train/main.py` prints it and
+exits non-zero without a traceback.
+
+    python train/main.py --config train/configs/debug.toml --training.steps=50 --optim.lr_left=1e-3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dualtower.data.config import DataConfig
+from dualtower.model.config import FLAVORS, ConfigError
+
+
+@dataclass
+class JobSection:
+    run_dir: str = "runs/debug"  # metrics.jsonl, checkpoints/, export/, profile/ go here
+    description: str = ""
+
+
+@dataclass
+class ModelSection:
+    flavor: str = "debug"
+    checkpoint: str = ""  # a DualTowerVLM checkpoint (directory or Hub id) to start from; "" = random init
+    vision_backbone: str = ""  # SigLIP weights (directory or Hub id) loaded into the vision tower
+    lm_backbone: str = ""  # SmolLM2 weights (directory, Hub id or .gguf file) loaded into both LMs
+    tokenizer_id: str = ""  # "" = the flavor's tokenizer
+    # Pixel normalization (saved with the model); empty = the flavor's. Models trained from scratch learn far
+    # faster from zero-centred pixels, e.g. [0.5, 0.5, 0.5] / [0.5, 0.5, 0.5] (SigLIP's own normalization).
+    image_mean: tuple[float, ...] = ()
+    image_std: tuple[float, ...] = ()
+    dtype: str = "float32"  # storage dtype of the (master) parameters
+    attention_backend: str = "auto"  # dualtower.ops backend: auto | reference | a registered kernel backend
+
+
+@dataclass
+class OptimSection:
+    # Per-tower peak learning rates; 0 freezes the tower (its parameters get requires_grad=False).
+    lr_vision: float = 0.0
+    lr_projector: float = 1e-4
+    lr_left: float = 5e-5
+    lr_right: float = 0.0
+    weight_decay: float = 0.01
+    decay_norms_and_biases: bool = True  # the original decays every parameter; False exempts 1-D tensors
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    implementation: str = "auto"  # auto (fused on CUDA, foreach on CPU) | fused | foreach
+
+
+@dataclass
+class ScheduleSection:
+    kind: str = "cosine"  # cosine (linear warmup, cosine to min_lr_ratio * max) | constant (after warmup)
+    warmup_steps: int = -1  # -1: round(warmup_ratio * training.steps)
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainingSection:
+    steps: int = 100  # optimizer steps
+    micro_batches: int = 1  # gradient accumulation: micro-batches per optimizer step and rank
+    seed: int = 42
+    max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
+    max_nonfinite_in_row: int = 5  # skipped non-finite steps in a row before the run stops
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class ParallelSection:
+    fsdp: str = "auto"  # auto (when world size > 1) | on | off
+    compile: bool = False  # torch.compile each transformer block
+    compile_fullgraph: bool = True
+    activation_checkpointing: bool = False  # recompute each block in backward
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    reshard_after_forward: bool = True
+
+
+@dataclass
+class CheckpointSection:
+    enabled: bool = True
+    every: int = 500  # optimizer steps between checkpoints (0: only the final one)
+    keep: int = 2  # most recent checkpoints kept
+    folder: str = "checkpoints"  # inside job.run_dir
+    resume: str = "auto"  # auto (latest in folder) | none | path to a checkpoint directory
+    save_final: bool = True
+    export_final: bool = True  # save_pretrained() format at the end
+    export_folder: str = "export"
+    export_only: bool = False  # load the resume checkpoint, export it and stop (no training)
+
+
+@dataclass
+class MetricsSection:
+    log_every: int = 10
+    progress: str = "bar"  # bar | line | none (console output on stderr, rank 0)
+    wandb: bool = False
+    wandb_project: str = "dualtower"
+    wandb_entity: str = ""
+    wandb_mode: str = "offline"  # offline | online | disabled
+    run_name: str = ""
+
+
+@dataclass
+class EvalSection:
+    every: int = 0  # optimizer steps between evaluations (0: only at the end)
+    at_end: bool = True
+    val_batches: int = 8  # validation loss over this many batches per rank
+    accuracy_samples: int = 64  # held-out synthetic questions answered by greedy generation (synthetic source)
+    accuracy_seed: int = 1234
+    max_new_tokens: int = 8
+
+
+@dataclass
+class ProfileSection:
+    enabled: bool = False
+    steps: tuple[int, ...] = (3, 4)  # optimizer steps (1-based) traced, one chrome trace each
+    folder: str = "profile"  # inside job.run_dir
+
+
+@dataclass
+class JobConfig:
+    job: JobSection = field(default_factory=JobSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    profile: ProfileSection = field(default_factory=ProfileSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> JobConfig:
+        _validate_sections(self)
+        try:
+            self.data.validate()
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"[data] {exc}") from None
+        return self
+
+
+# -- validation ----------------------------------------------------------------------------------------------
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
+    _check(value in allowed, f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _validate_sections(cfg: JobConfig) -> None:
+    m, o, s, t, p = cfg.model, cfg.optim, cfg.schedule, cfg.training, cfg.parallel
+    _check(m.flavor in FLAVORS, f"model.flavor must be one of {', '.join(sorted(FLAVORS))}, got {m.flavor!r}")
+    _one_of(m.dtype, ("float32", "bfloat16"), "model.dtype")
+    for key in ("image_mean", "image_std"):
+        _check(len(getattr(m, key)) in (0, 3), f"model.{key} needs 3 values (one per RGB channel) or none")
+    _check(all(s > 0 for s in m.image_std), "model.image_std must be positive")
+    lrs = {"lr_vision": o.lr_vision, "lr_projector": o.lr_projector, "lr_left": o.lr_left, "lr_right": o.lr_right}
+    for key, lr in lrs.items():
+        _check(lr >= 0, f"optim.{key} must be >= 0, got {lr}")
+    _check(any(lr > 0 for lr in lrs.values()), "every optim.lr_* is 0: nothing would train")
+    _check(o.weight_decay >= 0, "optim.weight_decay must be >= 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas must be two numbers in [0, 1)")
+    _check(o.eps > 0, "optim.eps must be > 0")
+    _one_of(o.implementation, ("auto", "fused", "foreach"), "optim.implementation")
+    _one_of(s.kind, ("cosine", "constant"), "schedule.kind")
+    _check(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio must be in [0, 1]")
+    _check(0 <= s.warmup_ratio < 1, "schedule.warmup_ratio must be in [0, 1)")
+    _check(s.warmup_steps >= -1, "schedule.warmup_steps must be >= 0 (or -1 for warmup_ratio)")
+    _check(t.steps >= 1, f"training.steps must be >= 1, got {t.steps}")
+    _check(t.micro_batches >= 1, f"training.micro_batches must be >= 1, got {t.micro_batches}")
+    _check(t.max_grad_norm >= 0, "training.max_grad_norm must be >= 0")
+    _check(t.max_nonfinite_in_row >= 1, "training.max_nonfinite_in_row must be >= 1")
+    _one_of(t.device, ("auto", "cpu", "cuda"), "training.device")
+    _one_of(p.fsdp, ("auto", "on", "off"), "parallel.fsdp")
+    _one_of(p.mixed_precision, ("auto", "bf16", "fp32"), "parallel.mixed_precision")
+    _check(cfg.checkpoint.every >= 0 and cfg.checkpoint.keep >= 1, "checkpoint.every >= 0 and checkpoint.keep >= 1")
+    _check(cfg.metrics.log_every >= 1, "metrics.log_every must be >= 1")
+    _one_of(cfg.metrics.progress, ("bar", "line", "none"), "metrics.progress")
+    _one_of(cfg.metrics.wandb_mode, ("offline", "online", "disabled"), "metrics.wandb_mode")
+    _check(cfg.eval.every >= 0 and cfg.eval.val_batches >= 0, "eval.every and eval.val_batches must be >= 0")
+    _check(cfg.eval.accuracy_samples >= 0, "eval.accuracy_samples must be >= 0")
+    _check(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1")
+    _check(all(step >= 1 for step in cfg.profile.steps), "profile.steps are 1-based optimizer steps")
+
+
+# -- building from TOML / CLI --------------------------------------------------------------------------------
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check/convert a TOML or parsed-CLI value against a field's type hint."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is typing.Literal:
+        _check(value in typing.get_args(hint), f"{key} must be one of {typing.get_args(hint)}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        _check(isinstance(value, list | tuple), f"{key} expects a list, got {value!r}")
+        args = typing.get_args(hint)
+        element = args[0] if args else Any
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            _check(len(value) == len(args), f"{key} expects {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+        items = [_coerce(v, element, key) for v in value]
+        return tuple(items) if origin is tuple else items
+    if hint is Any:
+        return value
+    if hint is bool:
+        _check(isinstance(value, bool), f"{key} expects true or false, got {value!r}")
+        return value
+    if hint is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), f"{key} expects an integer, got {value!r}")
+        return value
+    if hint is float:
+        _check(isinstance(value, int | float) and not isinstance(value, bool), f"{key} expects a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        _check(isinstance(value, str), f"{key} expects a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        _check(isinstance(value, dict), f"{key} expects a table, got {value!r}")
+        return _merge(hint(), value, key)
+    return value
+
+
+def _merge(obj: Any, table: dict[str, Any], where: str) -> Any:
+    """Apply a (nested) TOML table onto a dataclass instance; unknown keys are errors that name them."""
+    hints = _hints(type(obj))
+    known = [f.name for f in dataclasses.fields(obj)]
+    for key, value in table.items():
+        name = f"{where}.{key}" if where else key
+        if key not in hints:
+            raise ConfigError(f"unknown key {name!r}{_suggest(key, known)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            _merge(current, value, name)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], name))
+    return obj
+
+
+def _parse_text(text: str, hint: Any, key: str) -> Any:
+    """A command-line string -> a typed value for the field `key` (TOML syntax for lists and quoted strings)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType) and text.lower() in ("none", "null"):
+        return None
+    if hint is str:
+        return text
+    if hint is bool:
+        lowered = text.lower()
+        known = ("true", "false", "1", "0", "yes", "no", "on", "off")
+        _check(lowered in known, f"{key} expects true or false, got {text!r}")
+        return lowered in ("true", "1", "yes", "on")
+    if origin in (tuple, list) and not text.lstrip().startswith("["):
+        text = "[" + text + "]"
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word; _coerce reports it if the field wants something else
+
+
+def apply_override(cfg: JobConfig, dotted: str, text: str) -> None:
+    """Set `section.key[.subkey]` from its command-line text."""
+    parts = dotted.split(".")
+    _check(len(parts) >= 2, f"override {dotted!r} must look like --section.key=value")
+    obj: Any = cfg
+    for i, part in enumerate(parts):
+        known = [f.name for f in dataclasses.fields(obj)]
+        if part not in known:
+            where = ".".join(parts[:i]) or "sections"
+            raise ConfigError(f"unknown key {'.'.join(parts[: i + 1])!r} in {where}{_suggest(part, known)}")
+        if i == len(parts) - 1:
+            hint = _hints(type(obj))[part]
+            setattr(obj, part, _coerce(_parse_text(text, hint, dotted), hint, dotted))
+        else:
+            obj = getattr(obj, part)
+            _check(dataclasses.is_dataclass(obj), f"{'.'.join(parts[: i + 1])!r} is a value, not a section")
+
+
+def split_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
+    """argv -> (config path, [(dotted key, text)]); accepts --k=v and --k v; --profile is short for profile.enabled."""
+    config_path, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        _check(arg.startswith("--"), f"unexpected argument {arg!r}; use --config PATH and --section.key=value")
+        name, eq, value = arg[2:].partition("=")
+        if name == "profile" and not eq:
+            overrides.append(("profile.enabled", "true"))
+            i += 1
+            continue
+        if not eq:
+            _check(i + 1 < len(argv), f"--{name} needs a value")
+            value, i = argv[i + 1], i + 1
+        if name == "config":
+            config_path = value
+        else:
+            overrides.append((name, value))
+        i += 1
+    return config_path, overrides
+
+
+def usage() -> str:
+    """Every `--section.key` with its default, for `train/main.py --help`."""
+    lines = [
+        "usage: [torchrun ...] train/main.py --config RECIPE.toml [--section.key=value ...] [--profile]",
+        "",
+        "keys (defaults before the recipe is applied):",
+    ]
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                lines.append(f"  --{prefix}{f.name}={value!r}")
+
+    walk(JobConfig(), "")
+    return "\n".join(lines)
+
+
+def load_job_config(argv: list[str]) -> JobConfig:
+    """Defaults, then the TOML file given by --config, then the --section.key=value overrides; validated."""
+    config_path, overrides = split_cli(argv)
+    cfg = JobConfig()
+    if config_path is not None:
+        path = Path(config_path)
+        _check(path.is_file(), f"config file not found: {config_path}")
+        try:
+            table = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{config_path}: invalid TOML: {exc}") from None
+        _merge(cfg, table, "")
+    for dotted, text in overrides:
+        apply_override(cfg, dotted, text)
+    return cfg.validate()

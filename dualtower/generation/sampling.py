@@ -1,0 +1,117 @@
+"""Token selection with Hugging Face conventions: greedy, or temperature -> top-k -> top-p -> sample.
+
+Shape legend:
+    B   rows being generated
+    V   vocabulary (49218)
+
+Conventions (the same as `transformers`' TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper):
+- the temperature divides the logits *before* any filtering;
+- top-k keeps every token whose logit is >= the k-th largest (ties at the boundary are kept);
+- top-p keeps the smallest set of most likely tokens whose probability reaches p, *including* the token
+  that crosses p: a token is kept when the mass of the tokens strictly more likely than it is < p.
+
+Differences from the original DualTowerVLM code (reference_spec section 2.6 and item 12), fixed here:
+- the original filtered the raw logits and divided by the temperature afterwards, so the temperature never
+  changed which tokens survive top-p;
+- its top-p dropped the token that crosses p (no right shift of the removal mask), so with a dominant
+  token of probability >= p it kept only that token even when p asked for more mass, and in general kept
+  strictly less than p.
+
+Sampling draws with the exponential race (argmax of p_i / E_i with E_i ~ Exp(1), equivalent to a
+multinomial draw): no host synchronization, and a `torch.Generator` makes it reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick tokens and when to stop. `do_sample=False` is greedy and ignores the sampling knobs."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_k: int = 50  # <= 0 disables top-k
+    top_p: float = 0.9  # >= 1 disables top-p
+    seed: int | None = None  # None: draw from torch's global generator (not reproducible)
+    stop_strings: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        self.stop_strings = tuple(self.stop_strings)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample:
+            if not self.temperature > 0:
+                raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+            if not 0 < self.top_p <= 1:
+                raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop_strings):
+            raise ValueError("stop strings must be non-empty")
+
+    @property
+    def uses_top_k(self) -> bool:
+        return self.top_k > 0
+
+    @property
+    def uses_top_p(self) -> bool:
+        return self.top_p < 1.0
+
+
+def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def top_k_filter(logits: Tensor, top_k: int) -> Tensor:
+    """(B, V) -> (B, V) with every logit below the k-th largest set to -inf (ties with it survive)."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
+    """(B, V) -> (B, V) keeping the most likely tokens until their mass reaches top_p (the crossing one too)."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the strictly more likely tokens
+    remove_sorted = mass_before >= top_p
+    remove_sorted[:, 0] = False  # the most likely token always survives
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def filtered_logits(logits: Tensor, config: SamplingConfig) -> Tensor:
+    """fp32 logits after temperature, top-k and top-p, in that order; removed tokens are -inf."""
+    scores = apply_temperature(logits.float(), config.temperature)
+    scores = top_k_filter(scores, config.top_k)
+    return top_p_filter(scores, config.top_p)
+
+
+def sampling_probs(logits: Tensor, config: SamplingConfig) -> Tensor:
+    """The distribution `sample` draws from: (B, V) fp32 probabilities, zero outside the kept support."""
+    return filtered_logits(logits, config).softmax(dim=-1)
+
+
+def sample(logits: Tensor, config: SamplingConfig, generator: torch.Generator | None = None) -> Tensor:
+    """(B, V) logits -> (B,) int64 token ids, on the logits' device, without a host synchronization."""
+    if not config.do_sample:
+        return logits.argmax(dim=-1)
+    probs = sampling_probs(logits, config)
+    # Exp(1) draws are > 0 in theory; the clamp keeps a zero-probability token from winning with 0 / 0.
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
+    return (probs / race).argmax(dim=-1)
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator

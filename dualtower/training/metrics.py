@@ -1,0 +1,116 @@
+"""Run metrics: `metrics.jsonl` (one JSON object per logged step), a console progress line on stderr and
+optional Weights & Biases, all written by rank 0.
+
+Training records carry `step`, `loss`, `lr`, `grad_norm`, `tokens_per_s`, `mfu`, `peak_mem_gib`,
+`packing_efficiency` (plus `lr/<tower>`, `skipped_steps`); evaluation records carry `eval/...` keys.
+`mfu` is null where the device's peak is unknown (CPUs; see dualtower.training.flops).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+TRAIN_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gib", "packing_efficiency")
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated CUDA memory, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLogger:
+    """Takes the [metrics] section; only rank 0 writes anything."""
+
+    def __init__(self, metrics_cfg, run_dir: Path, is_main: bool, total_steps: int, config_dict: dict[str, Any]):
+        self.cfg = metrics_cfg
+        self.is_main = is_main
+        self.total_steps = total_steps
+        self.start = time.perf_counter()
+        self._wandb = None
+        self._file = None
+        if not is_main:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = (run_dir / "metrics.jsonl").open("a", buffering=1)
+        if metrics_cfg.wandb and metrics_cfg.wandb_mode != "disabled":
+            self._wandb = _start_wandb(metrics_cfg, run_dir, config_dict)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        clean = {key: _finite_or_none(value) for key, value in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in clean.items() if k != "step" and v is not None}, step=clean["step"])
+        if self.cfg.progress != "none":
+            self._console(clean)
+
+    def _console(self, record: dict[str, Any]) -> None:
+        step = record["step"]
+        if any(key.startswith("eval/") for key in record):
+            figures = "  ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k != "step")
+            sys.stderr.write(f"\neval step {step}: {figures}\n")
+            return
+        figures = "  ".join(f"{k} {_fmt(record.get(k))}" for k in TRAIN_KEYS[1:])
+        elapsed = time.perf_counter() - self.start
+        if self.cfg.progress == "bar":
+            done = int(30 * step / max(self.total_steps, 1))
+            bar = "#" * done + "." * (30 - done)
+            end = "\r" if sys.stderr.isatty() else "\n"
+            sys.stderr.write(f"[{bar}] {step}/{self.total_steps} {figures}  {elapsed:.0f}s{end}")
+        else:
+            sys.stderr.write(f"step {step}/{self.total_steps} {figures}  {elapsed:.0f}s\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            if self.cfg.progress == "bar" and sys.stderr.isatty():
+                sys.stderr.write("\n")
+            self._file.close()
+            self._file = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _start_wandb(metrics_cfg, run_dir: Path, config_dict: dict[str, Any]):
+    try:
+        import wandb
+    except ImportError as exc:
+        raise RuntimeError("metrics.wandb = true needs wandb: pip install 'dualtower[wandb]'") from exc
+    return wandb.init(
+        project=metrics_cfg.wandb_project,
+        entity=metrics_cfg.wandb_entity or None,
+        name=metrics_cfg.run_name or run_dir.name,
+        mode=metrics_cfg.wandb_mode,
+        dir=str(run_dir),
+        config=config_dict,
+    )

@@ -1,0 +1,286 @@
+"""The training loop: token-normalized gradient accumulation, clipping, non-finite step skipping, periodic
+logging, evaluation and checkpoints.
+
+Loss normalization: an optimizer step covers `micro_batches` packed batches on each of `world_size` ranks.
+Every micro-batch contributes loss_sum / N, where loss_sum is the (fp32) sum of its token losses and N the number
+of supervised tokens of the whole step on all ranks (host counts, all-reduced once per step). Gradients are
+summed across ranks (see dualtower.parallel.fsdp), so the update equals that of one batch holding all the data.
+
+Host syncs: none per step on the fused-AdamW path (CUDA): a non-finite gradient norm makes the fused kernel skip
+the update on the device (`found_inf`) and the skip counters live on the device until the next logging step.
+The foreach path (CPU) checks the norm on the host, which costs nothing there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from dualtower.batch import PackedBatch
+from dualtower.model import ModelConfig
+from dualtower.parallel import DistEnv, ParallelPlan, set_gradient_sync
+from dualtower.training.checkpoint import Checkpointer, export_pretrained, full_model_copy
+from dualtower.training.evaluate import Evaluator
+from dualtower.training.flops import FlopCounter, peak_flops
+from dualtower.training.metrics import MetricsLogger, peak_memory_gib
+from dualtower.training.profiling import StepProfiler
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+@dataclass
+class _Window:
+    """What happened since the last logging step (device tensors stay on the device until then)."""
+
+    loss_sums: list[Tensor] = field(default_factory=list)
+    supervised: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    row_capacity: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    paused: float = 0.0  # seconds spent in evaluation and checkpoints: not training time
+
+    def add_batch(self, batch: PackedBatch, flops: float) -> None:
+        self.supervised += batch.num_supervised
+        self.tokens += batch.num_tokens
+        self.flops += flops
+        self.row_capacity += batch.num_rows * batch.row_capacity
+
+
+@dataclass
+class TrainerParts:
+    """Everything the trainer drives, each built from its own config section."""
+
+    model: nn.Module
+    model_cfg: ModelConfig
+    plan: ParallelPlan
+    env: DistEnv
+    train_loader: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    checkpointer: Checkpointer
+    metrics: MetricsLogger
+    evaluator: Evaluator
+    profiler: StepProfiler
+    run_dir: Path
+    tokenizer: Any = None
+
+
+class Trainer:
+    """Takes the [training] section and the parts built from the other sections."""
+
+    def __init__(self, training_cfg, parts: TrainerParts):
+        self.cfg = training_cfg
+        self.parts = parts
+        self.model, self.env, self.optimizer = parts.model, parts.env, parts.optimizer
+        self.device = parts.env.device
+        self.step = 0
+        self.fused = bool(self.optimizer.defaults.get("fused"))
+        self.flop_counter = FlopCounter(parts.model)
+        self.peak = peak_flops(self.device)
+        self.nonfinite_streak = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.skipped_total = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.last_grad_norm = torch.zeros((), device=self.device)
+        self.last_lrs: dict[str, float] = {}
+        self.last_saved_step = -1
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = self.parts.plan.autocast_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # -- the loop -------------------------------------------------------------------------------------------
+
+    def train(self) -> int:
+        """Run to training.steps optimizer steps (resuming if a checkpoint exists); returns the final step."""
+        resumed = self._resume()
+        if self.parts.checkpointer.cfg.export_only:
+            if not resumed:
+                raise FileNotFoundError("checkpoint.export_only: no checkpoint to export (see checkpoint.resume)")
+            self.export()
+            return self.step
+        batches = self._batch_stream()
+        window = _Window()
+        total = self.cfg.steps
+        while self.step < total:
+            micro = [next(batches) for _ in range(self.cfg.micro_batches)]
+            with self.parts.profiler.step(self.step + 1):
+                self.train_step(micro, window)
+            self.step += 1
+            self.parts.scheduler.step()
+            if self.step % self.parts.metrics.cfg.log_every == 0 or self.step == total:
+                self._log(window)
+                window = _Window()
+            pause = time.perf_counter()
+            if self.parts.evaluator.due(self.step, total):
+                self.evaluate()
+            if self._checkpoint_due():
+                self.save()
+            window.paused += time.perf_counter() - pause
+        self._finish()
+        return self.step
+
+    def _batch_stream(self) -> Iterator[PackedBatch]:
+        """The train loader, epoch after epoch."""
+        while True:
+            empty = True
+            for batch in self.parts.train_loader:
+                empty = False
+                yield batch
+            if empty:
+                raise RuntimeError("the training data produced no batches")
+
+    def train_step(self, micro: list[PackedBatch], window: _Window | None = None) -> None:
+        """One optimizer step over the micro-batches of this rank."""
+        window = window if window is not None else _Window()
+        total_supervised = self._global_count(sum(batch.num_supervised for batch in micro))
+        step_loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        for index, batch in enumerate(micro):
+            window.add_batch(batch, self.flop_counter.batch_flops(batch))
+            set_gradient_sync(self.model, index == len(micro) - 1)
+            batch = batch.to(self.device, non_blocking=True)
+            with self.autocast():
+                loss_sum = self.model.loss_sum(batch)
+            (loss_sum / total_supervised).backward()
+            step_loss += loss_sum.detach().float()
+        window.loss_sums.append(step_loss)
+        self.last_grad_norm = self._clip_gradients()
+        self.last_lrs = {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
+        self._optimizer_step(self.last_grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _global_count(self, local: int) -> Tensor:
+        count = torch.tensor(float(local), dtype=torch.float32)
+        if self.device.type == "cuda":
+            count = count.pin_memory()  # a pageable source could make the copy wait for the GPU
+        count = count.to(self.device, non_blocking=True)
+        if dist.is_initialized():
+            dist.all_reduce(count)
+        return count.clamp(min=1.0)  # a step without supervised tokens has zero loss, not 0/0
+
+    def _clip_gradients(self) -> Tensor:
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()  # sharded gradients: the norm over every rank's shard
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.max_grad_norm, norm)
+        return norm
+
+    def _optimizer_step(self, grad_norm: Tensor) -> None:
+        nonfinite = ~torch.isfinite(grad_norm)
+        if self.fused:
+            # The fused kernel skips the whole update (and undoes its step count) where found_inf is set.
+            self.optimizer.found_inf = nonfinite.float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif not bool(nonfinite):
+            self.optimizer.step()
+        self.nonfinite_streak = torch.where(nonfinite, self.nonfinite_streak + 1, 0)
+        self.skipped_total += nonfinite
+        if not self.fused:
+            self._check_nonfinite()
+
+    def _check_nonfinite(self) -> None:
+        streak = int(self.nonfinite_streak)
+        if streak >= self.cfg.max_nonfinite_in_row:
+            raise NonFiniteLossError(
+                f"{streak} optimizer steps in a row had a non-finite loss or gradient (step {self.step}); "
+                f"stopping (training.max_nonfinite_in_row = {self.cfg.max_nonfinite_in_row})"
+            )
+        if streak:
+            logger.warning("non-finite loss/gradient at step %d: update skipped", self.step + 1)
+
+    # -- logging, evaluation, checkpoints -------------------------------------------------------------------
+
+    def _log(self, window: _Window) -> None:
+        loss_sum = torch.stack(window.loss_sums).double().sum()
+        host = [window.supervised, window.tokens, window.flops, window.row_capacity]
+        totals = torch.cat([loss_sum.reshape(1), torch.tensor(host, dtype=torch.float64).to(self.device)])
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        loss, supervised, tokens, flops, capacity = totals.tolist()  # the one host sync of a logging step
+        elapsed = max(time.perf_counter() - window.start - window.paused, 1e-9)
+        if self.fused:
+            self._check_nonfinite()
+        record = {
+            "step": self.step,
+            "loss": loss / supervised if supervised else None,
+            "lr": max(self.last_lrs.values()),
+            "grad_norm": float(self.last_grad_norm),
+            "tokens_per_s": tokens / elapsed,
+            "mfu": flops / elapsed / (self.peak * self.env.world_size) if self.peak else None,
+            "peak_mem_gib": peak_memory_gib(self.device),
+            "packing_efficiency": tokens / capacity if capacity else None,
+            "skipped_steps": int(self.skipped_total),
+            "supervised_tokens": int(supervised),
+            **{f"lr/{name}": lr for name, lr in self.last_lrs.items()},
+        }
+        self.parts.metrics.log(record)
+
+    def evaluate(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"step": self.step}
+        record.update(self.parts.evaluator.validation_loss(self.model, self.autocast))
+        if self.parts.evaluator.heldout:
+            copy = full_model_copy(self.model, self.parts.model_cfg, self.env)
+            record.update(self.parts.evaluator.accuracy(copy.to(self.device) if copy is not None else None))
+        if len(record) > 1:
+            self.parts.metrics.log(record)
+        return record
+
+    def _checkpoint_due(self) -> bool:
+        cfg = self.parts.checkpointer.cfg
+        if not cfg.enabled:
+            return False
+        periodic = cfg.every > 0 and self.step % cfg.every == 0
+        return periodic or (cfg.save_final and self.step == self.cfg.steps)
+
+    def _train_state(self) -> dict[str, Any]:
+        return {"skipped_total": int(self.skipped_total), "nonfinite_streak": int(self.nonfinite_streak)}
+
+    def save(self) -> Path:
+        parts = self.parts
+        path = parts.checkpointer.save(
+            self.step, self.model, self.optimizer, parts.scheduler, parts.train_loader, self._train_state()
+        )
+        self.last_saved_step = self.step
+        return path
+
+    def _resume(self) -> bool:
+        path = self.parts.checkpointer.resume_path()
+        if path is None:
+            return False
+        parts = self.parts
+        state = parts.checkpointer.load(path, self.model, self.optimizer, parts.scheduler, parts.train_loader)
+        self.step = state["step"]
+        self.last_saved_step = self.step
+        self.skipped_total.fill_(state.get("skipped_total", 0))
+        self.nonfinite_streak.fill_(state.get("nonfinite_streak", 0))
+        return True
+
+    def export(self, dest: Path | None = None) -> Path:
+        """Write the model in the save_pretrained format (collective under FSDP)."""
+        dest = dest or self.parts.run_dir / self.parts.checkpointer.cfg.export_folder
+        export_pretrained(self.model, self.parts.model_cfg, self.env, dest, tokenizer=self.parts.tokenizer)
+        return dest
+
+    def _finish(self) -> None:
+        if self.parts.checkpointer.cfg.export_final:
+            self.export()

@@ -1,0 +1,179 @@
+"""Linear cross-entropy: sum of token losses of `hidden @ weight.T` without keeping (tokens x vocab) logits.
+
+Shape legend:
+    N   tokens, C hidden width, V vocabulary
+    S   supervised tokens (label != ignore_index), R rows of one chunk
+
+Algorithm (fast path): gather the supervised rows, then per chunk of R rows
+    logits = h_chunk @ W.T                     (R, V), cuBLAS, in the activation dtype
+    one Triton pass per row: logsumexp over V (online, fp32) and the loss; when gradients are wanted, a
+    second pass overwrites the logits in place with dlogits = softmax - onehot
+    d_hidden[chunk] = dlogits @ W,  d_weight += dlogits.T @ h_chunk
+The gradients are computed in the forward (no second logits GEMM) and scaled by the incoming gradient in the
+backward. Peak extra memory is one (R, V) chunk plus d_weight; R is sized from LOGITS_CHUNK_BYTES.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.nn.functional import cross_entropy
+
+from dualtower_kernels._common import INTERPRET, check_triton_device
+
+# Budget for one chunk of logits. 256 MiB is 2,727 bf16 rows of a 49,218-token vocabulary: big enough for
+# efficient GEMMs, small next to eager's ~10 bytes x tokens x vocab.
+LOGITS_CHUNK_BYTES = 256 * 2**20
+
+
+def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Sum (fp32) of cross-entropy over tokens whose label is not ignore_index; materializes the logits."""
+    logits = (hidden @ weight.t()).float()
+    return cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+
+
+@triton.jit
+def _ce_rows_kernel(LOGITS, LABELS, LOSS, n_cols, row_stride, ignore_index,
+                    WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One row: loss = logsumexp(x) - x[label]; optionally x <- softmax(x) - onehot(label), in place."""
+    row = tl.program_id(0).to(tl.int64)
+    base = LOGITS + row * row_stride
+    label = tl.load(LABELS + row)
+    cols = tl.arange(0, BLOCK_V)
+    # Pass 1: a running max and rescaled sum per lane (no reduction inside the loop), merged at the end.
+    # The finite start keeps fully masked lanes at exp(-inf) = 0 instead of exp(-inf + inf) = nan.
+    m = tl.full([BLOCK_V], -1.0e30, tl.float32)
+    s = tl.zeros([BLOCK_V], tl.float32)
+    for v0 in range(0, n_cols, BLOCK_V):
+        x = tl.load(base + v0 + cols, mask=v0 + cols < n_cols, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, x)
+        s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
+        m = m_new
+    row_max = tl.max(m, 0)
+    lse = row_max + tl.log(tl.sum(s * tl.exp(m - row_max), 0))
+    valid = label != ignore_index
+    target = tl.load(base + label, mask=valid, other=0.0).to(tl.float32)
+    tl.store(LOSS + row, tl.where(valid, lse - target, 0.0))
+    if WRITE_GRAD:
+        for v0 in range(0, n_cols, BLOCK_V):
+            in_row = v0 + cols < n_cols
+            x = tl.load(base + v0 + cols, mask=in_row, other=0.0).to(tl.float32)
+            grad = tl.exp(x - lse) - tl.where(v0 + cols == label, 1.0, 0.0)
+            grad = tl.where(valid, grad, 0.0)
+            tl.store(base + v0 + cols, grad.to(LOGITS.dtype.element_ty), mask=in_row)
+
+
+def _ce_rows(logits: Tensor, labels: Tensor, ignore_index: int, write_grad: bool) -> Tensor:
+    """Per-row fp32 losses of a (R, V) logits chunk; overwrites it with dlogits when write_grad."""
+    losses = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    block_v = 64 if INTERPRET else 4096
+    _ce_rows_kernel[(logits.shape[0],)](
+        logits, labels, losses, logits.shape[1], logits.stride(0), ignore_index,
+        WRITE_GRAD=write_grad, BLOCK_V=block_v, num_warps=1 if INTERPRET else 8,
+    )
+    return losses
+
+
+def _chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, chunk_rows: int) -> int:
+    """Rows per chunk: the explicit request, else the byte budget split evenly over the chunks it needs."""
+    if chunk_rows > 0 or n_rows == 0:
+        return max(chunk_rows, 1)
+    budget_rows = max(1, LOGITS_CHUNK_BYTES // (vocab * dtype.itemsize))
+    n_chunks = triton.cdiv(n_rows, budget_rows)
+    return triton.cdiv(n_rows, n_chunks)
+
+
+def _has_fp32_out_mm(x: Tensor) -> bool:
+    """cuBLAS bf16/fp16 GEMMs can write fp32 (aten mm.dtype, CUDA only): chunk partials then skip a rounding."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _fp32_out_mm_works(x.dtype)
+
+
+@functools.cache
+def _fp32_out_mm_works(dtype: torch.dtype) -> bool:
+    """Probe once: the overload exists since torch 2.8, but only some builds implement it."""
+    if not hasattr(torch.ops.aten.mm, "dtype"):
+        return False
+    tiny = torch.ones(2, 2, device="cuda", dtype=dtype)
+    try:
+        return torch.ops.aten.mm.dtype(tiny, tiny, torch.float32).dtype == torch.float32
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+@torch.library.custom_op("dualtower::linear_cross_entropy_fwd", mutates_args=())
+def linear_cross_entropy_fwd(
+    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, need_d_hidden: bool, need_d_weight: bool,
+    chunk_rows: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> loss (fp32 scalar), d_hidden (N, C) or empty, d_weight (V, C) or empty: gradients of the loss."""
+    check_triton_device(hidden, weight)
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    # One host sync: work only on supervised rows (often a minority of the text tokens).
+    rows = (labels != ignore_index).nonzero().squeeze(1)
+    need_grad = need_d_hidden or need_d_weight
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    d_hidden = torch.zeros_like(hidden) if need_d_hidden else hidden.new_empty(0)
+    d_weight_acc: Tensor | None = None
+    step = _chunk_rows(rows.numel(), weight.shape[0], hidden.dtype, chunk_rows)
+    fp32_parts = rows.numel() > step and _has_fp32_out_mm(hidden)
+    for start in range(0, rows.numel(), step):
+        chunk = rows[start : start + step]
+        h = hidden.index_select(0, chunk)
+        logits = h @ weight.t()
+        loss += _ce_rows(logits, labels.index_select(0, chunk), ignore_index, need_grad).sum()
+        if need_d_hidden:
+            d_hidden.index_copy_(0, chunk, logits @ weight)
+        if need_d_weight:
+            # (V, C). Several chunks add up in fp32 so d_weight rounds once, like the single eager GEMM.
+            part = torch.ops.aten.mm.dtype(logits.t(), h, torch.float32) if fp32_parts else logits.t() @ h
+            d_weight_acc = part if d_weight_acc is None else d_weight_acc.float().add_(part)
+    if not need_d_weight:
+        d_weight = weight.new_empty(0)
+    elif d_weight_acc is None:
+        d_weight = torch.zeros_like(weight)
+    else:
+        d_weight = d_weight_acc.to(weight.dtype)
+    return loss, d_hidden, d_weight
+
+
+@linear_cross_entropy_fwd.register_fake
+def _(hidden, weight, labels, ignore_index, need_d_hidden, need_d_weight, chunk_rows):
+    loss = hidden.new_empty((), dtype=torch.float32)
+    d_hidden = torch.empty_like(hidden) if need_d_hidden else hidden.new_empty(0)
+    d_weight = torch.empty_like(weight) if need_d_weight else weight.new_empty(0)
+    return loss, d_hidden, d_weight
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, d_hidden, d_weight = output
+    ctx.save_for_backward(d_hidden, d_weight)
+    ctx.need = inputs[4], inputs[5]
+    ctx.mark_non_differentiable(d_hidden, d_weight)
+
+
+def _backward(ctx, grad_loss: Tensor, *_):
+    d_hidden, d_weight = ctx.saved_tensors
+    need_d_hidden, need_d_weight = ctx.need
+    # Scale in fp32: a bf16 copy of 1 / n_tokens would bias every gradient by up to 0.4%.
+    grad_hidden = (d_hidden.float() * grad_loss).to(d_hidden.dtype) if need_d_hidden else None
+    grad_weight = (d_weight.float() * grad_loss).to(d_weight.dtype) if need_d_weight else None
+    return grad_hidden, grad_weight, None, None, None, None, None
+
+
+linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100, *, chunk_rows: int = 0
+) -> Tensor:
+    """Same result as `linear_cross_entropy_reference` without the (N, V) logits; chunk_rows=0 sizes chunks."""
+    grad_on = torch.is_grad_enabled()
+    loss, _, _ = linear_cross_entropy_fwd(
+        hidden, weight, labels, ignore_index, grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+        chunk_rows,
+    )
+    return loss

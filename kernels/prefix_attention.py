@@ -1,0 +1,553 @@
+"""Cross-tower prefix attention: text queries over [prefix K/V (all visible) | text K/V (causal)], per document.
+
+Shape legend:
+    Nt  text (query) tokens of all documents, concatenated
+    Np  prefix tokens of all documents, concatenated
+    Hq  query heads, Hkv key/value heads (Hq % Hkv == 0, GQA without repeating K/V)
+    D   head dim
+    B   documents; cu_text / cu_prefix are (B + 1,) int32 cumulative lengths
+
+With an empty prefix (cu_prefix all zero) this is plain causal varlen attention. Rows of q past cu_text[-1]
+(padding at the end of a packed row) belong to no document: their output and gradients are zero.
+
+Kernels (FlashAttention-2 style, online softmax in the exp2 domain, fp32 statistics; 1.4426950408889634 is
+log2(e), spelled out because Triton kernels cannot read Python globals that are not constexpr):
+    forward   grid (cdiv(max_text_len, BLOCK_M), Hq, B): one query block of one head of one document walks the
+              document's prefix keys (no mask but the length), then its text keys up to the diagonal (the
+              diagonal blocks masked). Saves the natural-log LSE (Hq, Nt).
+    dq        same grid and key walk; also computes delta = rowsum(dO * O), which dkdv reads.
+    dkdv      grid (cdiv(max_prefix_len, BLOCK_N) + cdiv(max_text_len, BLOCK_N), Hkv, B): one key block (of the
+              prefix or of the text) loops over the query heads of its KV group and over the queries that see it,
+              so GQA gradients accumulate in registers, with no atomics and no repeated K/V.
+Prefix and text K/V are read from their own buffers; nothing is concatenated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.nn.functional import scaled_dot_product_attention
+
+from dualtower_kernels._common import (
+    check_triton_device,
+    dot_precision,
+    tuning_configs,
+    upcast_dots,
+)
+
+
+def prefix_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_prefix: Tensor,
+    v_prefix: Tensor,
+    cu_text: Tensor,
+    cu_prefix: Tensor,
+    max_text_len: int,
+    max_prefix_len: int,
+    scale: float | None = None,
+) -> Tensor:
+    """Obviously-correct twin: one SDPA call per document with an explicit boolean mask."""
+    del max_text_len, max_prefix_len  # only the kernels need them
+    text_bounds = cu_text.tolist()
+    prefix_bounds = cu_prefix.tolist()
+    outputs = []
+    for doc in range(len(text_bounds) - 1):
+        t0, t1 = text_bounds[doc], text_bounds[doc + 1]
+        p0, p1 = prefix_bounds[doc], prefix_bounds[doc + 1]
+        if t1 == t0:
+            continue
+        n_text, n_prefix = t1 - t0, p1 - p0
+        keys = torch.cat([k_prefix[p0:p1], k[t0:t1]])  # (P+T, Hkv, D)
+        values = torch.cat([v_prefix[p0:p1], v[t0:t1]])
+        # Query j (text position P+j) sees keys 0 .. P+j: the prefix and the causal part of the text.
+        visible = torch.ones(n_text, n_prefix + n_text, dtype=torch.bool, device=q.device).tril(diagonal=n_prefix)
+        out = scaled_dot_product_attention(
+            q[t0:t1].transpose(0, 1).unsqueeze(0),
+            keys.transpose(0, 1).unsqueeze(0),
+            values.transpose(0, 1).unsqueeze(0),
+            attn_mask=visible,
+            scale=scale,
+            enable_gqa=True,
+        )
+        outputs.append(out.squeeze(0).transpose(0, 1))
+    # Padding rows after the last document attend to nothing: zeros, as the kernels write.
+    outputs.append(q.new_zeros((q.shape[0] - text_bounds[-1], *q.shape[1:])))
+    return torch.cat(outputs)
+
+
+def concat_prefix_text(
+    k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor, cu_text: Tensor, cu_prefix: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per document [prefix; text] K and V rows in one buffer each (Np + Nt, Hkv, D) and their cu offsets.
+
+    What flash-attn / varlen_attn need (their causal mask is bottom-right aligned, which is exactly our
+    semantics with K = [prefix; text]). No host sync. Padding rows after the last document go to the end.
+    """
+    n_prefix, n_text, device = k_prefix.shape[0], k.shape[0], k.device
+    cu_text64, cu_prefix64 = cu_text.long(), cu_prefix.long()
+    prefix_rows, text_rows = torch.arange(n_prefix, device=device), torch.arange(n_text, device=device)
+    # searchsorted (right) gives i + 1 for a row of document i, and B + 1 for padding rows.
+    prefix_slot = torch.searchsorted(cu_prefix64, prefix_rows, right=True)
+    text_slot = torch.searchsorted(cu_text64, text_rows, right=True)
+    # Prefix row j of document i lands at cu_k[i] + (j - cu_prefix[i]) = j + cu_text[i].
+    prefix_dst = prefix_rows + cu_text64[prefix_slot - 1]
+    # Text row t of document i lands after the whole prefix of i: t + cu_prefix[i + 1] (padding: t + Np).
+    text_dst = text_rows + torch.cat([cu_prefix64, cu_prefix64.new_full((1,), n_prefix)])[text_slot]
+
+    def merge(text: Tensor, prefix: Tensor) -> Tensor:
+        merged = text.new_empty((n_prefix + n_text, *text.shape[1:]))
+        return merged.index_copy(0, prefix_dst, prefix).index_copy(0, text_dst, text)
+
+    return merge(k, k_prefix), merge(v, v_prefix), (cu_text + cu_prefix).to(torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+# Buffers are contiguous (tokens, heads, HEAD_DIM); a row step is heads * HEAD_DIM elements. Positions inside
+# the loops are document-local; pointers are built once per block and advanced by position * row step.
+
+
+@triton.jit
+def _row_offsets(start, n_rows: tl.constexpr, n_heads, head, offs_d, HEAD_DIM: tl.constexpr):
+    """Element offsets of rows start .. start + n_rows of one head."""
+    rows = start + tl.arange(0, n_rows)
+    return (rows[:, None] * n_heads + head) * HEAD_DIM + offs_d[None, :]
+
+
+@triton.jit
+def _fwd_key_range(
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, row_step, lo, hi, n_keys, query_pos, d_mask, qk_scale,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Online-softmax update of one query block over keys [lo, hi) of one K/V buffer (n_keys long)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(lo, hi, BLOCK_N):
+        key_pos = n0 + offs_n
+        kv_mask = d_mask[None, :]
+        if MASK:
+            kv_mask = kv_mask & (key_pos[:, None] < n_keys)
+        k = tl.load(k_ptrs + n0 * row_step, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + n0 * row_step, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASK:
+            visible = key_pos[None, :] < n_keys
+            if CAUSAL:
+                visible = visible & (key_pos[None, :] <= query_pos[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(
+    configs=tuning_configs(
+        [
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        ],
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
+    ),
+    key=["HEAD_DIM", "UPCAST", "PRECISION"],
+)
+@triton.jit
+def _prefix_attn_fwd_kernel(
+    Q, K, V, KP, VP, OUT, LSE, CU_TEXT, CU_PREFIX,
+    n_text_total, n_q_heads, n_kv_heads, group, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    block, head, doc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t_start, t_end = tl.load(CU_TEXT + doc), tl.load(CU_TEXT + doc + 1)
+    m0 = block * BLOCK_M
+    if m0 >= t_end - t_start:
+        return
+    p_start, p_end = tl.load(CU_PREFIX + doc), tl.load(CU_PREFIX + doc + 1)
+    n_text, n_prefix = t_end - t_start, p_end - p_start
+    kv_head = head // group
+    qk_scale = sm_scale * 1.4426950408889634
+    query_pos = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    row_mask = (query_pos[:, None] < n_text) & d_mask[None, :]
+    q = tl.load(Q + _row_offsets(t_start + m0, BLOCK_M, n_q_heads, head, offs_d, HEAD_DIM), mask=row_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    kv_step = n_kv_heads * HEAD_DIM
+
+    # A finite start for the running max: a fully masked block then gives exp2(-inf) = 0, never inf - inf.
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Prefix: every key visible; only the last partial block needs the length mask.
+    kp_ptrs = KP + _row_offsets(p_start, BLOCK_N, n_kv_heads, kv_head, offs_d, HEAD_DIM)
+    vp_ptrs = VP + _row_offsets(p_start, BLOCK_N, n_kv_heads, kv_head, offs_d, HEAD_DIM)
+    full = n_prefix - n_prefix % BLOCK_N
+    acc, l_i, m_i = _fwd_key_range(acc, l_i, m_i, q, kp_ptrs, vp_ptrs, kv_step, 0, full, n_prefix, query_pos,
+                                   d_mask, qk_scale, False, False, BLOCK_N, UPCAST, PRECISION)
+    acc, l_i, m_i = _fwd_key_range(acc, l_i, m_i, q, kp_ptrs, vp_ptrs, kv_step, full, n_prefix, n_prefix,
+                                   query_pos, d_mask, qk_scale, False, True, BLOCK_N, UPCAST, PRECISION)
+    # Text: keys before this block's first query are visible to all its rows; the diagonal blocks are masked.
+    k_ptrs = K + _row_offsets(t_start, BLOCK_N, n_kv_heads, kv_head, offs_d, HEAD_DIM)
+    v_ptrs = V + _row_offsets(t_start, BLOCK_N, n_kv_heads, kv_head, offs_d, HEAD_DIM)
+    acc, l_i, m_i = _fwd_key_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, kv_step, 0, m0, n_text, query_pos, d_mask,
+                                   qk_scale, True, False, BLOCK_N, UPCAST, PRECISION)
+    diag_end = tl.minimum(m0 + BLOCK_M, n_text)
+    acc, l_i, m_i = _fwd_key_range(acc, l_i, m_i, q, k_ptrs, v_ptrs, kv_step, m0, diag_end, n_text, query_pos,
+                                   d_mask, qk_scale, True, True, BLOCK_N, UPCAST, PRECISION)
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = (acc / l_safe[:, None]).to(OUT.dtype.element_ty)
+    tl.store(OUT + _row_offsets(t_start + m0, BLOCK_M, n_q_heads, head, offs_d, HEAD_DIM), out, mask=row_mask)
+    lse = (m_i + tl.math.log2(l_safe)) / 1.4426950408889634
+    tl.store(LSE + head * n_text_total + t_start + query_pos, lse, mask=query_pos < n_text)
+
+
+@triton.jit
+def _dq_key_range(
+    dq, q, do, lse2, delta, k_ptrs, v_ptrs, row_step, lo, hi, n_keys, query_pos, d_mask, qk_scale,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(lo, hi, BLOCK_N):
+        key_pos = n0 + offs_n
+        kv_mask = d_mask[None, :]
+        if MASK:
+            kv_mask = kv_mask & (key_pos[:, None] < n_keys)
+        k = tl.load(k_ptrs + n0 * row_step, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + n0 * row_step, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASK:
+            visible = key_pos[None, :] < n_keys
+            if CAUSAL:
+                visible = visible & (key_pos[None, :] <= query_pos[:, None])
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.autotune(
+    configs=tuning_configs(
+        [
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+        ],
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
+    ),
+    key=["HEAD_DIM", "UPCAST", "PRECISION"],
+)
+@triton.jit
+def _prefix_attn_dq_kernel(
+    Q, K, V, KP, VP, OUT, DO, LSE, DELTA, DQ, CU_TEXT, CU_PREFIX,
+    n_text_total, n_q_heads, n_kv_heads, group, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    block, head, doc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t_start, t_end = tl.load(CU_TEXT + doc), tl.load(CU_TEXT + doc + 1)
+    m0 = block * BLOCK_M
+    if m0 >= t_end - t_start:
+        return
+    p_start, p_end = tl.load(CU_PREFIX + doc), tl.load(CU_PREFIX + doc + 1)
+    n_text, n_prefix = t_end - t_start, p_end - p_start
+    kv_head = head // group
+    qk_scale = sm_scale * 1.4426950408889634
+    query_pos = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    row_mask = (query_pos[:, None] < n_text) & d_mask[None, :]
+    q_offsets = _row_offsets(t_start + m0, BLOCK_M, n_q_heads, head, offs_d, HEAD_DIM)  # also OUT, dO, dQ
+    q = tl.load(Q + q_offsets, mask=row_mask, other=0.0)
+    do = tl.load(DO + q_offsets, mask=row_mask, other=0.0)
+    o = tl.load(OUT + q_offsets, mask=row_mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    stat_offsets = head * n_text_total + t_start + query_pos
+    tl.store(DELTA + stat_offsets, delta, mask=query_pos < n_text)
+    # Rows past the document load lse = 0 and q = dO = 0, so their terms vanish (p * (0 - 0)).
+    lse2 = tl.load(LSE + stat_offsets, mask=query_pos < n_text, other=0.0) * 1.4426950408889634
+    if UPCAST:
+        q, do = q.to(tl.float32), do.to(tl.float32)
+    kv_step = n_kv_heads * HEAD_DIM
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    kp_ptrs = KP + _row_offsets(p_start, BLOCK_N, n_kv_heads, kv_head, offs_d, HEAD_DIM)
+    vp_ptrs = VP + _row_offsets(p_start, BLOCK_N, n_kv_heads, kv_head, offs_d, HEAD_DIM)
+    full = n_prefix - n_prefix % BLOCK_N
+    dq = _dq_key_range(dq, q, do, lse2, delta, kp_ptrs, vp_ptrs, kv_step, 0, full, n_prefix, query_pos, d_mask,
+                       qk_scale, False, False, BLOCK_N, UPCAST, PRECISION)
+    dq = _dq_key_range(dq, q, do, lse2, delta, kp_ptrs, vp_ptrs, kv_step, full, n_prefix, n_prefix, query_pos,
+                       d_mask, qk_scale, False, True, BLOCK_N, UPCAST, PRECISION)
+    k_ptrs = K + _row_offsets(t_start, BLOCK_N, n_kv_heads, kv_head, offs_d, HEAD_DIM)
+    v_ptrs = V + _row_offsets(t_start, BLOCK_N, n_kv_heads, kv_head, offs_d, HEAD_DIM)
+    dq = _dq_key_range(dq, q, do, lse2, delta, k_ptrs, v_ptrs, kv_step, 0, m0, n_text, query_pos, d_mask,
+                       qk_scale, True, False, BLOCK_N, UPCAST, PRECISION)
+    diag_end = tl.minimum(m0 + BLOCK_M, n_text)
+    dq = _dq_key_range(dq, q, do, lse2, delta, k_ptrs, v_ptrs, kv_step, m0, diag_end, n_text, query_pos, d_mask,
+                       qk_scale, True, True, BLOCK_N, UPCAST, PRECISION)
+    tl.store(DQ + q_offsets, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _dkdv_query_range(
+    dk, dv, k, v, q_ptrs, do_ptrs, stat_ptrs, delta_ptrs, q_step, lo, hi, n_text, key_pos, d_mask, qk_scale,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Accumulate one key block's dK/dV over text queries [lo, hi) of one query head.
+
+    Transposed formulation: scores are (keys, queries), so dK/dV come out of plain dots with Q and dO.
+    Rows past the document load q = dO = lse = delta = 0: their contributions are exactly zero.
+    """
+    offs_m = tl.arange(0, BLOCK_M)
+    for m0 in range(lo, hi, BLOCK_M):
+        query_pos = m0 + offs_m
+        in_doc = query_pos < n_text
+        row_mask = in_doc[:, None] & d_mask[None, :]
+        q = tl.load(q_ptrs + m0 * q_step, mask=row_mask, other=0.0)
+        do = tl.load(do_ptrs + m0 * q_step, mask=row_mask, other=0.0)
+        lse2 = tl.load(stat_ptrs + m0, mask=in_doc, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_ptrs + m0, mask=in_doc, other=0.0)
+        if UPCAST:
+            q, do = q.to(tl.float32), do.to(tl.float32)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        if CAUSAL:
+            p_t = tl.where(key_pos[:, None] <= query_pos[None, :], p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_block(
+    KB, VB, DKB, DVB, key_start, n_keys, n0, Q, DO, LSE, DELTA, t_start, n_text, kv_head, group, n_q_heads,
+    n_kv_heads, n_text_total, sm_scale,
+    IS_TEXT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK/dV of keys [n0, n0 + BLOCK_N) of one buffer (prefix or text) for one KV head, over its query heads."""
+    qk_scale = sm_scale * 1.4426950408889634
+    key_pos = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    kv_mask = (key_pos[:, None] < n_keys) & d_mask[None, :]
+    kv_offsets = _row_offsets(key_start + n0, BLOCK_N, n_kv_heads, kv_head, offs_d, HEAD_DIM)  # also dK, dV
+    k = tl.load(KB + kv_offsets, mask=kv_mask, other=0.0)
+    v = tl.load(VB + kv_offsets, mask=kv_mask, other=0.0)
+    if UPCAST:
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    q_step = n_q_heads * HEAD_DIM
+    for g in range(group):
+        head = kv_head * group + g
+        q_offsets = _row_offsets(t_start, BLOCK_M, n_q_heads, head, offs_d, HEAD_DIM)
+        q_ptrs, do_ptrs = Q + q_offsets, DO + q_offsets
+        stat_offsets = head * n_text_total + t_start + tl.arange(0, BLOCK_M)
+        stat_ptrs, delta_ptrs = LSE + stat_offsets, DELTA + stat_offsets
+        if IS_TEXT:
+            # Queries [n0, n0 + BLOCK_N) straddle the diagonal (masked); later queries see the whole block.
+            diag_end = tl.minimum(n0 + (BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M, n_text)
+            dk, dv = _dkdv_query_range(dk, dv, k, v, q_ptrs, do_ptrs, stat_ptrs, delta_ptrs, q_step, n0, diag_end,
+                                       n_text, key_pos, d_mask, qk_scale, True, BLOCK_M, UPCAST, PRECISION)
+            dk, dv = _dkdv_query_range(dk, dv, k, v, q_ptrs, do_ptrs, stat_ptrs, delta_ptrs, q_step, diag_end,
+                                       n_text, n_text, key_pos, d_mask, qk_scale, False, BLOCK_M, UPCAST, PRECISION)
+        else:
+            dk, dv = _dkdv_query_range(dk, dv, k, v, q_ptrs, do_ptrs, stat_ptrs, delta_ptrs, q_step, 0, n_text,
+                                       n_text, key_pos, d_mask, qk_scale, False, BLOCK_M, UPCAST, PRECISION)
+    tl.store(DKB + kv_offsets, (dk * sm_scale).to(DKB.dtype.element_ty), mask=kv_mask)
+    tl.store(DVB + kv_offsets, dv.to(DVB.dtype.element_ty), mask=kv_mask)
+
+
+@triton.autotune(
+    configs=tuning_configs(
+        [
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+        ],
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}),
+    ),
+    key=["HEAD_DIM", "UPCAST", "PRECISION"],
+)
+@triton.jit
+def _prefix_attn_dkdv_kernel(
+    Q, K, V, KP, VP, DO, LSE, DELTA, DK, DV, DKP, DVP, CU_TEXT, CU_PREFIX,
+    n_text_total, n_q_heads, n_kv_heads, group, sm_scale, max_prefix_len,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    block, kv_head, doc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t_start, t_end = tl.load(CU_TEXT + doc), tl.load(CU_TEXT + doc + 1)
+    p_start, p_end = tl.load(CU_PREFIX + doc), tl.load(CU_PREFIX + doc + 1)
+    n_text, n_prefix = t_end - t_start, p_end - p_start
+    prefix_blocks = tl.cdiv(max_prefix_len, BLOCK_N)
+    if block < prefix_blocks:
+        n0 = block * BLOCK_N
+        # A prefix key with no text queries (T_i = 0) still gets its (zero) gradient written.
+        if n0 < n_prefix:
+            _dkdv_block(KP, VP, DKP, DVP, p_start, n_prefix, n0, Q, DO, LSE, DELTA, t_start, n_text, kv_head, group,
+                        n_q_heads, n_kv_heads, n_text_total, sm_scale, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
+                        UPCAST, PRECISION)
+    else:
+        n0 = (block - prefix_blocks) * BLOCK_N
+        if n0 < n_text:
+            _dkdv_block(K, V, DK, DV, t_start, n_text, n0, Q, DO, LSE, DELTA, t_start, n_text, kv_head, group,
+                        n_q_heads, n_kv_heads, n_text_total, sm_scale, True, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
+                        UPCAST, PRECISION)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers and torch.library registration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _kernel_meta(q: Tensor, k: Tensor) -> dict:
+    head_dim = q.shape[-1]
+    return {
+        "n_q_heads": q.shape[1],
+        "n_kv_heads": k.shape[1],
+        "group": q.shape[1] // k.shape[1],
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
+        "UPCAST": upcast_dots(q.dtype),
+        "PRECISION": dot_precision(q.dtype),
+    }
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor) -> None:
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if not (k.shape == v.shape and k_prefix.shape[1:] == k.shape[1:] and v_prefix.shape == k_prefix.shape):
+        raise ValueError(f"mismatched K/V shapes: text {k.shape}/{v.shape}, prefix {k_prefix.shape}/{v_prefix.shape}")
+    if len({t.dtype for t in (q, k, v, k_prefix, v_prefix)}) != 1:
+        raise ValueError("q, k, v, k_prefix and v_prefix must share one dtype")
+    check_triton_device(q, k, v, k_prefix, v_prefix)
+
+
+@torch.library.custom_op("dualtower::prefix_attention_fwd", mutates_args=())
+def prefix_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor, cu_text: Tensor, cu_prefix: Tensor,
+    max_text_len: int, max_prefix_len: int, scale: float,
+) -> tuple[Tensor, Tensor]:
+    """-> out (Nt, Hq, D), lse (Hq, Nt) fp32 (natural log)."""
+    _check_inputs(q, k, v, k_prefix, v_prefix)
+    q, k, v, k_prefix, v_prefix = (t.contiguous() for t in (q, k, v, k_prefix, v_prefix))
+    out = torch.zeros_like(q)
+    lse = torch.zeros((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    n_docs = cu_text.shape[0] - 1
+    if max_text_len <= 0 or n_docs <= 0 or q.shape[0] == 0:
+        return out, lse
+    meta = _kernel_meta(q, k)
+    grid = lambda m: (triton.cdiv(max_text_len, m["BLOCK_M"]), q.shape[1], n_docs)
+    _prefix_attn_fwd_kernel[grid](
+        q, k, v, k_prefix, v_prefix, out, lse, cu_text, cu_prefix, q.shape[0], sm_scale=scale, **meta
+    )
+    return out, lse
+
+
+@prefix_attention_fwd.register_fake
+def _(q, k, v, k_prefix, v_prefix, cu_text, cu_prefix, max_text_len, max_prefix_len, scale):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("dualtower::prefix_attention_bwd", mutates_args=())
+def prefix_attention_bwd(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor, out: Tensor, lse: Tensor,
+    cu_text: Tensor, cu_prefix: Tensor, max_text_len: int, max_prefix_len: int, scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> dq, dk, dv, dk_prefix, dv_prefix (zero where no query sees a key)."""
+    q, k, v, k_prefix, v_prefix, out, grad_out = (
+        t.contiguous() for t in (q, k, v, k_prefix, v_prefix, out, grad_out)
+    )
+    grads = tuple(torch.zeros_like(t) for t in (q, k, v, k_prefix, v_prefix))
+    dq, dk, dv, dk_prefix, dv_prefix = grads
+    n_docs = cu_text.shape[0] - 1
+    if max_text_len <= 0 or n_docs <= 0 or q.shape[0] == 0:
+        return grads
+    meta = _kernel_meta(q, k)
+    delta = torch.empty_like(lse)
+    dq_grid = lambda m: (triton.cdiv(max_text_len, m["BLOCK_M"]), q.shape[1], n_docs)
+    _prefix_attn_dq_kernel[dq_grid](
+        q, k, v, k_prefix, v_prefix, out, grad_out, lse, delta, dq, cu_text, cu_prefix, q.shape[0],
+        sm_scale=scale, **meta,
+    )
+    kv_blocks = lambda m: triton.cdiv(max_prefix_len, m["BLOCK_N"]) + triton.cdiv(max_text_len, m["BLOCK_N"])
+    dkdv_grid = lambda m: (kv_blocks(m), k.shape[1], n_docs)
+    _prefix_attn_dkdv_kernel[dkdv_grid](
+        q, k, v, k_prefix, v_prefix, grad_out, lse, delta, dk, dv, dk_prefix, dv_prefix, cu_text, cu_prefix,
+        q.shape[0], sm_scale=scale, max_prefix_len=max_prefix_len, **meta,
+    )
+    return grads
+
+
+@prefix_attention_bwd.register_fake
+def _(grad_out, q, k, v, k_prefix, v_prefix, out, lse, cu_text, cu_prefix, max_text_len, max_prefix_len, scale):
+    return tuple(torch.empty_like(t) for t in (q, k, v, k_prefix, v_prefix))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, k_prefix, v_prefix, cu_text, cu_prefix, max_text_len, max_prefix_len, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, k_prefix, v_prefix, out, lse, cu_text, cu_prefix)
+    ctx.lengths = (max_text_len, max_prefix_len)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
+    q, k, v, k_prefix, v_prefix, out, lse, cu_text, cu_prefix = ctx.saved_tensors
+    grads = prefix_attention_bwd(
+        grad_out, q, k, v, k_prefix, v_prefix, out, lse, cu_text, cu_prefix, *ctx.lengths, ctx.scale
+    )
+    return (*grads, None, None, None, None, None)
+
+
+prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def prefix_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_prefix: Tensor,
+    v_prefix: Tensor,
+    cu_text: Tensor,
+    cu_prefix: Tensor,
+    max_text_len: int,
+    max_prefix_len: int,
+    scale: float | None = None,
+) -> Tensor:
+    """Fused Triton kernel; same signature and semantics as `prefix_attention_reference`.
+
+    max_text_len / max_prefix_len must be >= every document's text / prefix length (they size the grid).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out, _ = prefix_attention_fwd(
+        q, k, v, k_prefix, v_prefix, cu_text, cu_prefix, max_text_len, max_prefix_len, scale
+    )
+    return out

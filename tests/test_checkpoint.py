@@ -1,0 +1,104 @@
+"""Checkpoints: atomic saves, keep-K, exact resume after SIGKILL, and in-process round trips."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from test_train_utils import (
+    MAIN,
+    ListLoader,
+    build_trainer,
+    default_job,
+    fast_tokenizer_dir,
+    make_batches,
+    one_thread,  # noqa: F401 (fixture)
+    read_metrics,
+    small_run_args,
+    subprocess_env,
+    tiny_model,
+    train_losses,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LAYOUT = [(1, 2, 6), (0, 0, 4)]
+
+
+def _job(steps: int, every: int, keep: int = 1):
+    cfg = default_job()
+    cfg.training.steps = steps
+    cfg.checkpoint.enabled = True
+    cfg.checkpoint.every = every
+    cfg.checkpoint.keep = keep
+    return cfg
+
+
+def test_in_process_resume_is_exact_and_keeps_last_k(tmp_path) -> None:
+    batches = make_batches(tiny_model(), [LAYOUT] * 6, seed=5)
+    full = build_trainer(tiny_model(), batches, tmp_path / "full", _job(6, 3))
+    full.train()
+    reference = full.model.state_dict()
+    assert [p.name for p in full.parts.checkpointer.checkpoints()] == ["step_00000006"]  # keep = 1
+
+    # The same run, stopped after the checkpoint of step 3 (the loop of Trainer.train, cut short).
+    first = build_trainer(tiny_model(), batches, tmp_path / "split", _job(6, 3))
+    stream = first._batch_stream()
+    for _ in range(3):
+        first.train_step([next(stream)])
+        first.step += 1
+        first.parts.scheduler.step()
+        first.parts.metrics.log({"step": first.step, "loss": 0.0})
+    first.save()
+    # A crash in the middle of a later save leaves only a temporary directory behind: it is never resumed from.
+    (tmp_path / "split" / "checkpoints" / ".tmp_step_00000005").mkdir()
+    second = build_trainer(tiny_model(seed=99), batches, tmp_path / "split", _job(6, 3))
+    assert second.parts.checkpointer.resume_path().name == "step_00000003"
+    second.train()
+    assert second.step == 6 and isinstance(second.parts.train_loader, ListLoader)
+    for name, tensor in second.model.state_dict().items():
+        torch.testing.assert_close(tensor, reference[name], rtol=0, atol=0, msg=name)
+    split, whole = train_losses(tmp_path / "split"), train_losses(tmp_path / "full")
+    assert [split[s] for s in (4, 5, 6)] == [whole[s] for s in (4, 5, 6)]
+
+
+def test_sigkill_mid_run_resumes_to_the_same_losses(tmp_path) -> None:
+    tokenizer = fast_tokenizer_dir(tmp_path)
+    steps, extra = 12, ("--checkpoint.every=4", "--checkpoint.keep=2")
+    env = subprocess_env()
+    reference = tmp_path / "reference"
+    done = subprocess.run(
+        [sys.executable, str(MAIN), *small_run_args(reference, tokenizer, steps, *extra)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    args = [sys.executable, str(MAIN), *small_run_args(killed, tokenizer, steps, *extra)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if max(train_losses(killed), default=0) >= 5:  # past the checkpoint of step 4
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted_at = max(train_losses(killed))
+    assert interrupted_at < steps, "the run finished before it could be killed"
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    expected, got = train_losses(reference), train_losses(killed)
+    assert sorted(got) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6), step
+    # The resumed process logged again from the checkpoint it loaded.
+    resumed_steps = [r["step"] for r in read_metrics(killed) if "loss" in r]
+    assert len(resumed_steps) > steps

@@ -1,0 +1,115 @@
+"""Job config: TOML recipes load, CLI overrides win, bad keys/values give one-line errors and exit non-zero."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dualtower.config import JobConfig, load_job_config
+from dualtower.model.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "train" / "configs"
+
+
+@pytest.mark.parametrize("name", ["debug", "cauldron_135m", "cauldron_360m"])
+def test_recipes_load_and_validate(name: str) -> None:
+    cfg = load_job_config(["--config", str(CONFIGS / f"{name}.toml")])
+    assert isinstance(cfg, JobConfig)
+    assert cfg.model.flavor in ("debug", "135m", "360m")
+
+
+def test_cauldron_recipe_matches_original_preset() -> None:
+    cfg = load_job_config(["--config", str(CONFIGS / "cauldron_135m.toml")])
+    assert (cfg.optim.lr_projector, cfg.optim.lr_vision, cfg.optim.lr_left, cfg.optim.lr_right) == (5e-3, 0, 1e-5, 0)
+    assert (cfg.training.steps, cfg.training.micro_batches, cfg.training.max_grad_norm) == (50_000, 32, 1.0)
+    assert (cfg.data.rows_per_batch, cfg.data.max_tokens_per_row, cfg.data.source) == (4, 4096, "cauldron")
+    assert (cfg.schedule.warmup_ratio, cfg.schedule.min_lr_ratio, cfg.optim.weight_decay) == (0.03, 0.1, 0.01)
+
+
+def test_precedence_cli_over_toml_over_defaults() -> None:
+    defaults = JobConfig()
+    cfg = load_job_config(
+        [
+            "--config",
+            str(CONFIGS / "debug.toml"),
+            "--training.steps=7",
+            "--optim.lr_left",
+            "1e-4",
+            "--optim.betas=0.8,0.95",
+            '--data.synthetic.question_types=["color"]',
+            "--parallel.compile=true",
+            "--profile",
+        ]
+    )
+    assert cfg.training.steps == 7  # CLI
+    assert cfg.optim.lr_left == 1e-4
+    assert cfg.optim.betas == (0.8, 0.95)
+    assert cfg.data.synthetic.question_types == ("color",)
+    assert cfg.parallel.compile is True
+    assert cfg.profile.enabled is True
+    assert cfg.model.flavor == "debug"  # TOML
+    assert cfg.optim.eps == defaults.optim.eps  # default
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--training.stepz=3"], "unknown key 'training.stepz'"),
+        (["--trainig.steps=3"], "unknown key 'trainig'"),
+        (["--training.steps=abc"], "training.steps expects an integer"),
+        (["--training.steps=0"], "training.steps must be >= 1"),
+        (["--parallel.compile=maybe"], "expects true or false"),
+        (["--optim.betas=0.9"], "expects 2 values"),
+        (["--model.flavor=huge"], "model.flavor must be one of"),
+        (["--data.rows_per_batch=0"], "rows_per_batch"),
+        (["--optim.lr_vision=0", "--optim.lr_projector=0", "--optim.lr_left=0", "--optim.lr_right=0"], "nothing"),
+        (["--config", "missing.toml"], "config file not found"),
+        (["stray"], "unexpected argument"),
+    ],
+)
+def test_bad_values_raise_config_error(args: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_job_config(args)
+
+
+def test_unknown_toml_key_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[optim]\nlr_lfet = 1e-3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'optim.lr_lfet' \(did you mean 'lr_left'\?\)"):
+        load_job_config(["--config", str(path)])
+
+
+def test_cli_error_is_one_line_without_traceback() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train" / "main.py"), "--config", str(CONFIGS / "debug.toml"), "--optim.lr=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown key 'optim.lr' in optim"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_usage_lists_every_key_and_each_is_a_valid_override() -> None:
+    from dualtower.config import usage
+
+    keys = [line.strip()[2:].partition("=")[0] for line in usage().splitlines() if line.startswith("  --")]
+    assert {"training.steps", "data.synthetic.difficulty", "optim.lr_left", "profile.steps"} <= set(keys)
+    defaults = JobConfig()
+    for key in keys:  # the listed spelling is accepted back as an override of its own default
+        load_job_config([f"--{key}={_default_text(defaults, key)}"])
+
+
+def _default_text(cfg: JobConfig, dotted: str) -> str:
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(repr(v) for v in value) + "]"
+    return str(value).lower() if isinstance(value, bool) else str(value)

@@ -1,0 +1,117 @@
+"""The fused CUDA sampler (csrc/sampling.cu): compiles with nvcc; on a GPU, equals greedy exactly and matches
+the PyTorch sampler's distribution."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dualtower.generation import csrc_sampler
+from dualtower.generation.sampling import SamplingConfig, make_generator, sample, sampling_probs
+
+VOCAB = 49218
+needs_nvcc = pytest.mark.skipif(csrc_sampler.find_nvcc() is None, reason="nvcc not installed")
+
+
+@pytest.mark.slow
+@needs_nvcc
+def test_the_cuda_source_compiles(tmp_path) -> None:
+    """Compile only (no link, no GPU): catches C++/CUDA errors on CPU machines with nvcc (about a minute)."""
+    output = csrc_sampler.compile_only(tmp_path / "sampling.o")
+    assert output.stat().st_size > 0
+
+
+def test_without_cuda_the_pytorch_sampler_is_used() -> None:
+    assert csrc_sampler.sampler_for(torch.device("cpu")) is sample
+
+
+@pytest.fixture(scope="module")
+def fused():
+    if csrc_sampler.find_nvcc() is None:
+        pytest.skip("nvcc not installed")
+    csrc_sampler.load_extension()
+    return csrc_sampler.fused_sample
+
+
+def crafted(probs: list[float], rows: int) -> torch.Tensor:
+    """Rows of a full-size vocabulary: the given probabilities first, a negligible tail after."""
+    logits = torch.full((VOCAB,), -40.0)
+    logits[: len(probs)] = torch.tensor([math.log(p) for p in probs])
+    return logits.repeat(rows, 1).cuda()
+
+
+@pytest.mark.gpu
+def test_greedy_equals_argmax_exactly(fused) -> None:
+    logits = torch.randn(64, VOCAB, device="cuda")
+    ties = (torch.randn(64, VOCAB, device="cuda") * 3).round()  # many equal maxima: the first index wins
+    for scores in (logits, ties):
+        assert torch.equal(fused(scores, SamplingConfig(do_sample=False)), scores.argmax(-1))
+    one = SamplingConfig(do_sample=True, temperature=0.7, top_k=1, top_p=1.0)
+    assert torch.equal(fused(logits, one, make_generator(0, logits.device)), logits.argmax(-1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"top_k": 2, "top_p": 1.0, "temperature": 1.0}, {0, 1}),
+        ({"top_k": 0, "top_p": 0.6, "temperature": 1.0}, {0, 1}),  # keeps the token that crosses p
+        ({"top_k": 0, "top_p": 0.81, "temperature": 1.0}, {0, 1, 2}),
+        ({"top_k": 0, "top_p": 0.7, "temperature": 0.25}, {0}),  # temperature before filtering
+        ({"top_k": 0, "top_p": 0.7, "temperature": 4.0}, {0, 1, 2}),
+        ({"top_k": 2, "top_p": 0.55, "temperature": 1.0}, {0}),  # top-p over the renormalized top-k
+    ],
+)
+def test_support_on_crafted_logits(fused, config: dict, expected: set[int]) -> None:
+    logits = crafted([0.5, 0.3, 0.15, 0.05], rows=8192)
+    settings = SamplingConfig(do_sample=True, **config)
+    reference = set(torch.nonzero(sampling_probs(logits[:1], settings)[0] > 1e-6).flatten().tolist())
+    assert reference == expected
+    drawn = set(fused(logits, settings, make_generator(0, logits.device)).unique().tolist())
+    assert drawn == expected
+
+
+@pytest.mark.gpu
+def test_distribution_matches_the_pytorch_sampler(fused) -> None:
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    logits = torch.randn(1, VOCAB, device="cuda", generator=generator) * 2.5
+    config = SamplingConfig(do_sample=True, temperature=0.8, top_k=50, top_p=0.9)
+    probs = sampling_probs(logits, config)[0].double()
+    support = probs > 0
+    rows, rounds = 8192, 25
+    counts = torch.zeros(VOCAB, dtype=torch.float64, device="cuda")
+    for _ in range(rounds):
+        tokens = fused(logits.expand(rows, -1), config, generator)
+        counts += torch.bincount(tokens, minlength=VOCAB).double()
+    assert counts[~support].sum() == 0
+    expected = probs[support] * rows * rounds
+    chi2 = ((counts[support] - expected) ** 2 / expected).sum().item()
+    dof = int(support.sum()) - 1
+    assert chi2 < dof + 6 * math.sqrt(2 * dof), (chi2, dof)  # a 6-sigma bound on the chi-square statistic
+
+
+@pytest.mark.gpu
+def test_a_seed_reproduces_the_draws(fused) -> None:
+    logits = torch.randn(16, VOCAB, device="cuda")
+    config = SamplingConfig(do_sample=True, temperature=1.0, top_k=0, top_p=0.95)
+    first = fused(logits, config, make_generator(5, logits.device))
+    again = fused(logits, config, make_generator(5, logits.device))
+    assert torch.equal(first, again)
+
+
+@pytest.mark.gpu
+def test_the_engine_with_the_fused_sampler_matches_greedy(fused) -> None:
+    from dualtower.generation import Generator, PreparedPrompt
+    from dualtower.model import DualTowerVLM
+
+    torch.manual_seed(0)
+    model = DualTowerVLM.from_flavor("debug", device="cuda").requires_grad_(False)
+    cfg = model.cfg
+    ids = [1, 9, 10, cfg.global_image_token_id, *[cfg.image_token_id] * cfg.image_tokens_per_tile, 55, 66, 77]
+    prompt = PreparedPrompt(torch.tensor(ids), torch.rand(1, 3, cfg.tile_size, cfg.tile_size), len(ids) - 3)
+    config = SamplingConfig(max_new_tokens=6)
+    torch_tokens = Generator(model, eos_token_ids=(), compile=False).generate_prepared([prompt], config)
+    fused_tokens = Generator(model, eos_token_ids=(), compile=False, sampler="csrc").generate_prepared([prompt], config)
+    assert fused_tokens[0].token_ids == torch_tokens[0].token_ids

@@ -1,0 +1,240 @@
+"""The loader: PackedBatch out of every source, deterministic, exact resume, disjoint ranks, drops counted."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import fields, replace
+
+import pytest
+import torch
+from data_helpers import png_bytes, sample
+from PIL import Image
+
+from dualtower.batch import PackedBatch
+from dualtower.data import stats as stats_cli
+from dualtower.data.config import DataConfig, SyntheticConfig
+from dualtower.data.document import PreparedDocument
+from dualtower.data.loader import build_loader
+from dualtower.data.pipeline import ShardPipeline
+from dualtower.data.sources import CauldronSource, IndexedSource, stratified_counts
+from dualtower.model.config import ConfigError
+
+pytest_plugins = ["data_fixtures"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """In-process loaders run small per-image torch ops; extra intra-op threads only contend (as in workers)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_cfg(**overrides) -> DataConfig:
+    base = DataConfig(
+        max_tokens_per_row=512, max_tiles_per_row=18, rows_per_batch=2, shuffle_buffer=12, num_workers=0,
+        max_wait_batches=4, synthetic=SyntheticConfig(num_train=40, num_val=13, num_heldout=10),
+    )
+    return replace(base, **overrides)
+
+
+def same(a: PackedBatch, b: PackedBatch) -> bool:
+    for f in fields(PackedBatch):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if not (torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y):
+            return False
+    return True
+
+
+def take(loader, n: int) -> list[PackedBatch]:
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == n:
+            break
+    return batches
+
+
+def doc_keys(batch: PackedBatch) -> list[tuple]:
+    """One hashable identity per document: its tokens and the sum of its pixels."""
+    keys, tile = [], 0
+    for i in range(batch.num_docs):
+        p0, p1, t0, t1 = *batch.cu_prefix[i : i + 2].tolist(), *batch.cu_text[i : i + 2].tolist()
+        n = int(batch.tiles_per_doc[i])
+        pixels = round(float(batch.pixel_values[tile : tile + n].sum()), 3)
+        keys.append((tuple(batch.prefix_ids[p0:p1].tolist() + batch.text_ids[t0:t1].tolist()), pixels))
+        tile += n
+    return keys
+
+
+def test_batches_respect_the_budgets(tokenizer, debug_cfg):
+    loader = build_loader(small_cfg(), debug_cfg, tokenizer)
+    for batch in take(loader, 4):
+        assert isinstance(batch, PackedBatch) and batch.num_rows <= 2 and batch.row_capacity == 512
+        for row in range(batch.num_rows):
+            docs = (batch.doc_row == row).nonzero().flatten().tolist()
+            assert sum(int(batch.cu_prefix[d + 1] - batch.cu_prefix[d] + batch.cu_text[d + 1] - batch.cu_text[d])
+                       for d in docs) <= 512
+            assert int(batch.tiles_per_doc[docs].sum()) <= 18
+        assert batch.pixel_values.shape[1:] == (3, 128, 128)
+    stats = loader.stats
+    assert stats.batches == 4 and stats.samples > 0 and 0 < stats.packing_efficiency <= 1
+    assert stats.tiles_per_row <= 18 and stats.capacity == stats.rows * 512
+
+
+def test_unpacked_mode_is_one_document_per_row(tokenizer, debug_cfg):
+    batch = take(build_loader(small_cfg(pack=False, rows_per_batch=3), debug_cfg, tokenizer), 1)[0]
+    assert batch.num_docs == batch.num_rows == 3 and batch.doc_row.tolist() == [0, 1, 2] and batch.row_capacity == 0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_yields_exactly_the_uninterrupted_batches(tokenizer, debug_cfg, workers):
+    cfg = small_cfg(num_workers=workers)
+    reference = take(build_loader(cfg, debug_cfg, tokenizer), 13)  # crosses epochs: 40 samples / ~4 per batch
+    first = build_loader(cfg, debug_cfg, tokenizer)
+    head = take(first, 5)
+    state = json.loads(json.dumps(first.state_dict()))  # the state must survive serialization
+    resumed = build_loader(cfg, debug_cfg, tokenizer)
+    resumed.load_state_dict(state)
+    tail = take(resumed, 8)
+    assert all(same(a, b) for a, b in zip(head + tail, reference, strict=True))
+    assert resumed.stats.batches == 13
+    assert max(w["epoch"] for w in resumed.state_dict()["workers"].values()) >= 1
+
+
+def test_state_of_another_setup_is_refused(tokenizer, debug_cfg):
+    loader = build_loader(small_cfg(), debug_cfg, tokenizer)
+    take(loader, 1)
+    other = build_loader(small_cfg(num_workers=2), debug_cfg, tokenizer)
+    with pytest.raises(ValueError, match="num_logical_workers"):
+        other.load_state_dict(loader.state_dict())
+
+
+def test_finite_split_once_and_ranks_disjoint(tokenizer, debug_cfg):
+    cfg = small_cfg(num_workers=0)
+    per_rank = [[k for b in build_loader(cfg, debug_cfg, tokenizer, "val", r, 2) for k in doc_keys(b)] for r in (0, 1)]
+    whole = [k for b in build_loader(cfg, debug_cfg, tokenizer, "val") for k in doc_keys(b)]
+    assert len(whole) == 13 and len(set(whole)) == 13
+    assert not set(per_rank[0]) & set(per_rank[1]) and Counter(per_rank[0] + per_rank[1]) == Counter(whole)
+    loader = build_loader(cfg, debug_cfg, tokenizer, "val")
+    passes = [[k for b in loader for k in doc_keys(b)] for _ in range(2)]
+    assert passes[0] == passes[1]  # each pass starts over
+    assert loader.stats.samples == 13  # the counters of the last pass stay readable
+
+
+def test_every_document_once_or_counted_as_dropped(tokenizer, debug_cfg):
+    good = Image.new("RGB", (90, 60), (0, 200, 0))
+    raw = [sample([good], (f"question {i}?", f"answer {i}")) for i in range(25)]
+    raw[3] = sample([b"\x89PNG broken"], ("q", "a"))
+    raw[7] = sample([Image.new("RGB", (1, 1))], ("q", "a"))
+    raw[11] = {"images": [good]}
+    raw[15] = sample([good], ("long", " ".join(["x"] * 5000)))  # truncated, kept
+    raw[19] = sample([png_bytes(good.convert("CMYK"), "JPEG")], ("cmyk", "kept"))
+    cfg = small_cfg(min_image_side=4)
+    pipeline = ShardPipeline(IndexedSource(raw, 0, shuffle=False), cfg, debug_cfg, tokenizer, 0, 1, infinite=False)
+    batches = [batch for batch, _ in pipeline]
+    texts = [tokenizer.decode(b.text_ids[b.cu_text[i] : b.cu_text[i + 1]]) for b in batches for i in range(b.num_docs)]
+    kept = [i for i in range(25) if i not in (3, 7, 11)]
+    for i in kept:
+        marker = "kept" if i == 19 else ("long" if i == 15 else f"answer {i}<")
+        assert sum(marker in text for text in texts) == 1, i
+    stats = pipeline.stats
+    assert stats.read == 25 and stats.samples == len(kept) == len(texts)
+    assert dict(stats.dropped) == {"bad_image": 1, "image_too_small": 1, "no_turns": 1}
+    assert stats.events["truncated"] == 1 and stats.events["image_converted"] == 1
+
+
+def test_buffer_holds_no_pixels_and_late_image_failures_are_dropped(tmp_path, tokenizer, debug_cfg):
+    path = tmp_path / "vanishing.png"
+    path.write_bytes(png_bytes(Image.new("RGB", (60, 60), (5, 5, 5))))
+    good = Image.new("RGB", (60, 60), (200, 0, 0))
+
+    class Items(list):
+        def __getitem__(self, index):  # reading the last sample deletes the first one's file
+            if index == len(self) - 1:
+                path.unlink()
+            return super().__getitem__(index)
+
+    raw = Items([sample([str(path)], ("gone?", "yes")), sample([good], ("q1", "a1")), sample([good], ("q2", "a2"))])
+    pipeline = ShardPipeline(IndexedSource(raw, 0, False), small_cfg(), debug_cfg, tokenizer, 0, 1, infinite=False)
+    batches = []
+    for batch, _ in pipeline:
+        assert all(isinstance(item.payload, PreparedDocument) for item in pipeline.packer.buffer)
+        batches.append(batch)
+    assert sum(b.num_docs for b in batches) == 2 and pipeline.stats.dropped == Counter({"bad_image": 1})
+
+
+def _fake_cauldron(monkeypatch):
+    """Two configs of a local, in-memory dataset in The Cauldron's schema, streamed like the Hub's."""
+    import datasets
+
+    colors = {"alpha": (255, 0, 0), "beta": (0, 0, 255)}
+    sizes = {"alpha": 30, "beta": 10}
+
+    def load(self, name):
+        rows = [sample([Image.new("RGB", (40 + i, 30), colors[name])], (f"{name} {i}?", f"{name}{i}"))
+                for i in range(sizes[name])]
+        rows[2]["images"] = [{"bytes": b"not an image", "path": None}]
+        return datasets.Dataset.from_list(rows).to_iterable_dataset(num_shards=2)
+
+    monkeypatch.setattr(CauldronSource, "_load_from_hub", load)
+    monkeypatch.setattr(CauldronSource, "_size_from_hub", lambda self, name: sizes[name])
+
+
+def test_cauldron_streaming_path_with_a_local_fake(monkeypatch, tokenizer, debug_cfg):
+    _fake_cauldron(monkeypatch)
+    cfg = small_cfg(source="cauldron", cauldron_configs=("alpha", "beta"), val_ratio=0.1, shuffle_buffer=6)
+    val = [tokenizer.decode(b.text_ids) for b in build_loader(cfg, debug_cfg, tokenizer, "val")]
+    assert sum(text.count("alpha") for text in val) == 3 * 2 and sum(text.count("beta") for text in val) == 1 * 2
+    reference = take(build_loader(cfg, debug_cfg, tokenizer), 6)
+    first = build_loader(cfg, debug_cfg, tokenizer)
+    head = take(first, 3)
+    resumed = build_loader(cfg, debug_cfg, tokenizer)
+    resumed.load_state_dict(first.state_dict())
+    assert all(same(a, b) for a, b in zip(head + take(resumed, 3), reference, strict=True))
+    train_text = " ".join(tokenizer.decode(b.text_ids) for b in reference)
+    assert "alpha 0?" not in train_text and "beta 0?" not in train_text  # the first rows went to validation
+    assert resumed.stats.dropped["bad_image"] >= 1
+
+
+def test_stratified_counts_use_largest_remainders():
+    assert stratified_counts({"a": 10, "b": 10, "c": 10}, 4) == {"a": 2, "b": 1, "c": 1}
+    assert stratified_counts({"a": 1, "b": 99}, 10) == {"a": 0, "b": 10}
+    assert stratified_counts({"a": 0}, 0) == {"a": 0}
+
+
+def test_local_parquet_source(tmp_path, tokenizer, debug_cfg):
+    import datasets
+
+    rows = [{"images": [{"bytes": png_bytes(Image.new("RGB", (50, 40), (i, 0, 0))), "path": None}],
+             "texts": [{"user": f"row {i}?", "assistant": str(i)}]} for i in range(20)]
+    path = tmp_path / "data.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    cfg = small_cfg(source=str(path), val_ratio=0.25)
+    val = [k for b in build_loader(cfg, debug_cfg, tokenizer, "val") for k in doc_keys(b)]
+    train = take(build_loader(cfg, debug_cfg, tokenizer), 3)
+    assert len(val) == 5 and not set(val) & {k for b in train for k in doc_keys(b)}
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="max_sample_tokens"):
+        DataConfig(max_sample_tokens=9000).validate()
+    with pytest.raises(ConfigError, match="question_types"):
+        DataConfig(synthetic=SyntheticConfig(question_types=("colour",))).validate()
+    with pytest.raises(ConfigError, match="unknown key"):
+        DataConfig.from_dict({"sauce": "synthetic"})
+    cfg = DataConfig.from_dict({"source": "cauldron", "synthetic": {"difficulty": "hard"}, "cauldron_configs": ["a"]})
+    assert cfg.synthetic.difficulty == "hard" and cfg.cauldron_configs == ("a",)
+    assert DataConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_stats_cli_prints_json_last(capsys):
+    summary = stats_cli.main(["--flavor", "debug", "--num-samples", "24", "--max-tokens", "512", "--shuffle-buffer",
+                              "8", "--num-workers", "0"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    parsed = json.loads(lines[-1])
+    assert parsed == json.loads(json.dumps(summary))
+    assert parsed["samples"] >= 24 and parsed["samples_per_s"] > 0 and 0 < parsed["packing_efficiency"] <= 1
+    assert any(line.startswith("packing") for line in lines[:-1])

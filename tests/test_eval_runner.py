@@ -1,0 +1,193 @@
+"""The evaluation runner on a random debug checkpoint: log-likelihood against a direct forward pass, batched
+generation, the offline MMStar CLI run and the wrappers (no lmms-eval needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dualtower.batch import IGNORE_INDEX
+from dualtower.data.collate import collate
+from dualtower.data.document import Document, document_from_prompt
+from dualtower.data.images import ImageProcessor
+from dualtower.eval import mmstar
+from dualtower.eval.runner import EvalModel, EvalPrompt, sampling_from_gen_kwargs
+from dualtower.model import DualTowerVLM
+from dualtower.tokenizer import load_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_checkpoint(directory: Path) -> Path:
+    """A random debug DualTowerVLM saved with its tokenizer (seeded: the same bytes every run)."""
+    torch.manual_seed(1234)
+    model = DualTowerVLM.from_flavor("debug")
+    return model.save_pretrained(directory, tokenizer=load_tokenizer())
+
+
+def sample_images() -> tuple[Image.Image, Image.Image]:
+    """Two 2:1 images: 1x2 and 2x1 grids of the debug model's 128-pixel tiles, plus a global tile each."""
+    wide = Image.new("RGB", (200, 100), (220, 30, 30))
+    tall = Image.new("RGB", (60, 120), (40, 70, 220))
+    return wide, tall
+
+
+def direct_logprobs(runner: EvalModel, images: list, user_text: str, prefix: str, continuation: str):
+    """Oracle: one document, one forward pass, log-softmax over every text row, continuation rows picked.
+
+    Returns (sum of log-probs, every continuation token is the argmax, argmax token at the first row).
+    """
+    model, tokenizer = runner.model, runner.tokenizer
+    document = document_from_prompt(images, user_text, ImageProcessor(model.cfg), tokenizer, model.cfg)
+    context = document.input_ids.tolist() + tokenizer(prefix, add_special_tokens=False).input_ids
+    target = tokenizer(continuation, add_special_tokens=False).input_ids
+    ids = torch.tensor(context + target)
+    single = Document(ids, torch.full_like(ids, IGNORE_INDEX), document.tiles, document.prefix_len)
+    with torch.no_grad():
+        hidden = model(collate([single], model.cfg.image_token_id))  # text rows: positions prefix_len ..
+        logprobs = model.logits(hidden).float().log_softmax(dim=-1)
+    rows = torch.arange(len(target)) + len(context) - 1 - document.prefix_len  # row predicting each target
+    picked = logprobs[rows, torch.tensor(target)]
+    greedy = logprobs[rows].argmax(dim=-1) == torch.tensor(target)
+    return picked.sum().item(), bool(greedy.all()), int(logprobs[rows[0]].argmax())
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("debug_checkpoint"))
+
+
+@pytest.fixture(scope="module")
+def runner(checkpoint: Path) -> EvalModel:
+    return EvalModel.from_pretrained(checkpoint, device="cpu", batch_size=3)
+
+
+def test_checkpoint_loads_with_its_tokenizer(runner: EvalModel, checkpoint: Path):
+    assert (checkpoint / "tokenizer.json").is_file()
+    assert runner.model.cfg.vision.image_size == 128 and runner.device.type == "cpu"
+    assert runner.tokenizer.convert_tokens_to_ids("<|image|>") == runner.model.cfg.image_token_id
+
+
+def test_loglikelihood_equals_sum_of_direct_forward_logprobs(runner: EvalModel, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr("dualtower.eval.runner.MAX_TILES_PER_FORWARD", 4)  # forwards of 3 + 0 tiles, 6, then 3
+    wide, tall = sample_images()
+    cases = [
+        ([wide], "What color is the shape?\nChoices: A: red, B: blue", "Answer:", " A"),
+        ([], "Say hello.", "", "Hello there, friend"),
+        ([wide, tall], "Which image is taller?", "", "the second one"),
+        ([tall], "Count the shapes.", "", "3"),
+    ]
+    requests = [(EvalPrompt(images, text, prefix), cont) for images, text, prefix, cont in cases]
+    results = runner.loglikelihood(requests)
+    for (images, text, prefix, cont), (logprob, is_greedy) in zip(cases, results, strict=True):
+        expected, expected_greedy, _ = direct_logprobs(runner, images, text, prefix, cont)
+        assert logprob == pytest.approx(expected, abs=1e-4)
+        assert is_greedy == expected_greedy
+        assert logprob < 0
+    assert runner.loglikelihood([(requests[0][0], "")]) == [(0.0, True)]
+
+
+def test_is_greedy_for_the_argmax_continuation(runner: EvalModel):
+    wide, _ = sample_images()
+    _, _, argmax = direct_logprobs(runner, [wide], "Describe the image.", "", "x")
+    continuation = runner.tokenizer.decode([argmax])
+    assert runner.tokenizer(continuation, add_special_tokens=False).input_ids == [argmax]
+    logprob, is_greedy = runner.loglikelihood([(EvalPrompt([wide], "Describe the image."), continuation)])[0]
+    assert is_greedy
+    assert logprob == pytest.approx(direct_logprobs(runner, [wide], "Describe the image.", "", continuation)[0])
+
+
+def test_bf16_checkpoint_scores_like_fp32(runner: EvalModel, checkpoint: Path):
+    # bf16 weights and activations with an fp32 head and log-softmax: a few 1e-4 apart on this model.
+    bf16 = EvalModel.from_pretrained(checkpoint, device="cpu", dtype="bf16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    wide, _ = sample_images()
+    requests = [(EvalPrompt([wide], "What color?", "Answer:"), " A red square"), (EvalPrompt([], "Hi"), "Hello")]
+    for (want, _), (got, _) in zip(runner.loglikelihood(requests), bf16.loglikelihood(requests), strict=True):
+        assert got == pytest.approx(want, abs=5e-3)
+
+
+def test_generation_is_independent_of_batching_and_order(runner: EvalModel):
+    wide, tall = sample_images()
+    prompts = [
+        EvalPrompt([wide], "What color is the shape?", "Answer:"),
+        EvalPrompt([], "Hi"),
+        EvalPrompt(lambda: [wide, tall], "Which image has more shapes? Think about both images carefully."),
+    ]
+    sampling = sampling_from_gen_kwargs({"max_new_tokens": 4})
+    batched = runner.generate(prompts, sampling)
+    one_by_one = [runner.generate([p], sampling)[0] for p in prompts]
+    assert batched == one_by_one
+    assert all(isinstance(text, str) and text for text in batched)
+
+
+def run_cli(args: list[str]) -> None:
+    from dualtower.evaluate import main
+
+    assert main(args) == 0
+
+
+def test_offline_mmstar_run_writes_results(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    from dualtower.eval.mmstar_synthetic import build_mmstar_parquet
+
+    parquet = build_mmstar_parquet(tmp_path / "mmstar.parquet", 6)
+    output = tmp_path / "out" / "mmstar.json"
+    run_cli([
+        "--model", str(checkpoint), "--offline-parquet", str(parquet), "--output_path", str(output),
+        "--limit", "5", "--batch_size", "2", "--device", "cpu", "--log_samples",
+        "--gen_kwargs", "max_new_tokens=3",
+    ])  # fmt: skip
+    document = json.loads(output.read_text())
+    assert document["num_samples"] == 5 and document["task"] == "mmstar"
+    assert document["config"]["gen_kwargs"] == {"until": ["\n\n"], "do_sample": False, "max_new_tokens": 3}
+    samples = [json.loads(line) for line in output.with_name("mmstar_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 5
+    assert sum(document["results"]["counts"].values()) == 5
+    rescored = mmstar.score_rows(samples)
+    assert document["results"]["average"] == pytest.approx(rescored["average"])
+    for sample in samples:
+        assert sample["extracted"] == mmstar.extract_letter(sample["prediction"])
+        assert sample["score"] == float(sample["extracted"] == sample["answer"])
+    assert "average" in capsys.readouterr().out
+
+
+def test_missing_lmms_eval_is_one_clear_error(monkeypatch: pytest.MonkeyPatch):
+    from dualtower.evaluate import import_lmms_eval
+
+    monkeypatch.setitem(sys.modules, "lmms_eval", None)  # makes `import lmms_eval` fail
+    with pytest.raises(SystemExit, match=r"pip install 'dualtower\[eval\]'"):
+        import_lmms_eval()
+
+
+def test_evaluate_sh_passes_env_overrides(tmp_path: Path):
+    fake_python = tmp_path / "fake_python"
+    fake_python.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    fake_python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake_python)}
+    default = subprocess.run(["bash", "evaluate.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert default.returncode == 0, default.stderr
+    assert default.stdout.split("\n")[:10] == [
+        "-m", "dualtower.evaluate", "--model", "patrickamadeus/dualtower-cauldron", "--tasks", "mmstar",
+        "--batch_size", "32", "--output_path", "eval_results",
+    ]  # fmt: skip
+    env.update(CHECKPOINT="ckpt", TASKS="ai2d,mmstar", BATCH_SIZE="8", DEVICE="cpu")
+    custom = subprocess.run(
+        ["bash", "evaluate.sh", "--limit", "3"], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+    )
+    words = custom.stdout.split()
+    assert words[words.index("--model") + 1] == "ckpt" and words[words.index("--tasks") + 1] == "ai2d,mmstar"
+    assert words[words.index("--batch_size") + 1] == "8" and words[words.index("--device") + 1] == "cpu"
+    assert "--process_with_media" in words and words[-2:] == ["--limit", "3"]
+
+
+def test_evaluation_py_is_the_cli():
+    result = subprocess.run([sys.executable, "evaluation.py", "--help"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "--offline-parquet" in result.stdout and "--process_with_media" in result.stdout

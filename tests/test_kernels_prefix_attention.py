@@ -1,0 +1,106 @@
+"""Cross-tower prefix attention kernel vs its pure-PyTorch twin: forward and every gradient.
+
+CPU: the Triton interpreter, tiny awkward shapes, fp32, 1e-5. GPU: real sizes in bf16, error vs fp64 at most
+twice PyTorch's own bf16 error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dualtower_kernels.prefix_attention import (
+    prefix_attention,
+    prefix_attention_bwd,
+    prefix_attention_fwd,
+    prefix_attention_reference,
+)
+from dualtower_kernels.testing import (
+    PackedAttention,
+    assert_close,
+    assert_error_within,
+    eager_low_precision,
+    packed_attention,
+    random_packing,
+)
+
+# The interpreter turns 1-element arrays into loop bounds; numpy (< 2.4, pinned) only warns about it.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+GRAD_NAMES = ("dq", "dk", "dv", "dk_prefix", "dv_prefix")
+
+# (text lengths, prefix lengths, q heads, kv heads, head dim, text padding rows, prefix padding rows)
+CPU_CASES = {
+    # GQA 3; an empty document with a prefix; a one-token text; a text-only document; odd lengths
+    "gqa3_mixed": ([5, 1, 0, 40], [3, 0, 20, 17], 3, 1, 16, 0, 0),
+    # no prefixes: the left tower's causal varlen attention; GQA 1; head dim 32
+    "causal_gqa1": ([33, 7, 1], [0, 0, 0], 2, 2, 32, 0, 0),
+    # GQA 5; a head dim that is not a power of two; padding rows after the last document in both buffers
+    "gqa5_padded": ([7, 9, 1], [19, 0, 4], 5, 1, 24, 3, 2),
+}
+
+
+def _run(impl, batch: PackedAttention, grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    out = impl(*batch.args)
+    grads = torch.autograd.grad(out, batch.leaves, grad_out, allow_unused=True)
+    return out, *(torch.zeros_like(t) if g is None else g for t, g in zip(batch.leaves, grads, strict=True))
+
+
+@pytest.mark.parametrize("case", list(CPU_CASES), ids=list(CPU_CASES))
+def test_matches_reference(case: str) -> None:
+    text, prefix, q_heads, kv_heads, head_dim, pad_text, pad_prefix = CPU_CASES[case]
+    batch = packed_attention(text, prefix, q_heads, kv_heads, head_dim, pad_text=pad_text, pad_prefix=pad_prefix)
+    grad_out = torch.randn_like(batch.q)
+    ours = _run(prefix_attention, batch, grad_out)
+    expected = _run(prefix_attention_reference, batch, grad_out)
+    for name, a, e in zip(("out", *GRAD_NAMES), ours, expected, strict=True):
+        assert_close(a, e, atol=1e-5, rtol=1e-5, name=name)
+
+
+def test_no_text_at_all() -> None:
+    """Every document empty on the text side: zero output, zero gradients, no launch."""
+    batch = packed_attention([0, 0], [3, 2], 2, 1, 16)
+    out = prefix_attention(*batch.args)
+    assert out.shape == (0, 2, 16)
+    grads = torch.autograd.grad(out.sum(), (batch.k_prefix,))
+    assert torch.equal(grads[0], torch.zeros_like(batch.k_prefix))
+
+
+def test_opcheck() -> None:
+    batch = packed_attention([3, 2], [2, 0], 2, 1, 16)
+    args = (*batch.args, 0.25)
+    torch.library.opcheck(prefix_attention_fwd, args)
+    out, lse = prefix_attention_fwd(*args)
+    detached = [t.detach() for t in batch.leaves]
+    bwd_args = (torch.randn_like(out), *detached, out.detach(), lse, *batch.args[5:], 0.25)
+    torch.library.opcheck(prefix_attention_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: real sizes, bf16 error vs fp64 at most twice PyTorch's own
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _bf16_within_twice_pytorch(batch: PackedAttention) -> None:
+    exact = batch.cast(torch.float64)
+    grad_out = torch.randn_like(exact.q)
+    expected = _run(prefix_attention_reference, exact, grad_out)
+    with eager_low_precision():  # PyTorch's own bf16 attention
+        theirs = _run(prefix_attention_reference, batch.cast(torch.bfloat16), grad_out.bfloat16())
+    ours = _run(prefix_attention, batch.cast(torch.bfloat16), grad_out.bfloat16())
+    for name, a, t, e in zip(("out", *GRAD_NAMES), ours, theirs, expected, strict=True):
+        assert_error_within(a, t, e, name=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [(9, 3), (15, 5)], ids=["135m", "360m"])
+def test_gpu_bf16_packed_rows(heads: tuple[int, int]) -> None:
+    text, prefix = random_packing(rows=2, row_tokens=4096, seed=heads[0])
+    _bf16_within_twice_pytorch(packed_attention(text, prefix, *heads, 64, device="cuda", requires_grad=True))
+
+
+@pytest.mark.gpu
+def test_gpu_causal_left_tower() -> None:
+    """The left tower's pass: causal varlen over the prefixes, no prefix buffer."""
+    _, prefix = random_packing(rows=2, row_tokens=4096, seed=3)
+    _bf16_within_twice_pytorch(packed_attention(prefix, [0] * len(prefix), 9, 3, 64, device="cuda"))

@@ -1,0 +1,98 @@
+"""Sampling with Hugging Face conventions on crafted logits: support, order of operations, seeds, statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dualtower.generation.sampling import SamplingConfig, make_generator, sample, sampling_probs
+
+PROBS = [0.5, 0.3, 0.15, 0.05]
+
+
+def logits_of(probs: list[float], rows: int = 1) -> torch.Tensor:
+    return torch.tensor([math.log(p) for p in probs]).repeat(rows, 1)
+
+
+def support(logits: torch.Tensor, **config: float) -> set[int]:
+    probs = sampling_probs(logits, SamplingConfig(do_sample=True, **config))
+    return set(torch.nonzero(probs[0] > 0).flatten().tolist())
+
+
+def test_greedy_is_argmax() -> None:
+    logits = torch.randn(6, 1000)
+    assert torch.equal(sample(logits, SamplingConfig(do_sample=False)), logits.argmax(-1))
+
+
+def test_top_k_keeps_the_k_largest_and_ties() -> None:
+    assert support(torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]]), top_k=2, top_p=1.0, temperature=1.0) == {0, 1}
+    assert support(torch.tensor([[5.0, 4.0, 4.0, 1.0]]), top_k=2, top_p=1.0, temperature=1.0) == {0, 1, 2}
+    assert support(torch.tensor([[1.0, 2.0, 3.0]]), top_k=0, top_p=1.0, temperature=1.0) == {0, 1, 2}
+
+
+@pytest.mark.parametrize(
+    ("top_p", "expected"),
+    [(0.45, {0}), (0.6, {0, 1}), (0.79, {0, 1}), (0.81, {0, 1, 2}), (0.97, {0, 1, 2, 3}), (1.0, {0, 1, 2, 3})],
+)
+def test_top_p_keeps_the_token_that_crosses_p(top_p: float, expected: set[int]) -> None:
+    # Mass before each token: 0, 0.5, 0.8, 0.95. The original dropped the crossing token ({0} at p = 0.6).
+    assert support(logits_of(PROBS), top_p=top_p, top_k=0, temperature=1.0) == expected
+
+
+def test_temperature_is_applied_before_filtering() -> None:
+    logits = logits_of(PROBS)
+    # Filtering first (the original) would keep {0, 1} at p = 0.7 whatever the temperature.
+    assert support(logits, top_p=0.7, top_k=0, temperature=1.0) == {0, 1}
+    assert support(logits, top_p=0.7, top_k=0, temperature=0.25) == {0}  # sharper: 0.878 >= 0.7 on its own
+    assert support(logits, top_p=0.7, top_k=0, temperature=4.0) == {0, 1, 2}  # flatter: 0.30, 0.27, 0.22
+
+
+def test_top_k_then_top_p_renormalizes_over_the_top_k() -> None:
+    # After top-k = 2 the probabilities are 0.625 / 0.375 (0.5 / 0.3 before renormalizing).
+    assert support(logits_of(PROBS), top_k=2, top_p=0.55, temperature=1.0) == {0}
+    assert support(logits_of(PROBS), top_k=2, top_p=0.65, temperature=1.0) == {0, 1}
+    assert support(logits_of(PROBS), top_k=3, top_p=0.99, temperature=1.0) == {0, 1, 2}
+
+
+def test_draws_stay_in_the_support_and_follow_the_distribution() -> None:
+    logits = logits_of(PROBS, rows=20000)
+    config = SamplingConfig(do_sample=True, temperature=1.0, top_k=3, top_p=1.0)
+    tokens = sample(logits, config, make_generator(0, torch.device("cpu")))
+    counts = torch.bincount(tokens, minlength=4).double() / tokens.numel()
+    expected = sampling_probs(logits[:1], config)[0].double()
+    assert counts[3] == 0
+    # Binomial standard error at 20000 draws is <= 0.0036; 0.015 is four of them.
+    assert torch.allclose(counts, expected, atol=0.015), (counts, expected)
+
+
+def test_a_seed_reproduces_the_tokens() -> None:
+    logits = torch.randn(8, 500)
+    config = SamplingConfig(do_sample=True, temperature=1.5, top_k=100, top_p=0.95)
+    first = sample(logits, config, make_generator(7, torch.device("cpu")))
+    again = sample(logits, config, make_generator(7, torch.device("cpu")))
+    other = sample(logits, config, make_generator(8, torch.device("cpu")))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_zero_probability_tokens_are_never_drawn() -> None:
+    logits = torch.full((4096, 50), float("-inf"))
+    logits[:, 7] = 0.0
+    tokens = sample(logits, SamplingConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0))
+    assert torch.all(tokens == 7)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_new_tokens": 0},
+        {"do_sample": True, "temperature": 0.0},
+        {"do_sample": True, "top_p": 0.0},
+        {"stop_strings": ("",)},
+    ],
+)
+def test_invalid_configs_are_rejected(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        SamplingConfig(**kwargs)

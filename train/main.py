@@ -1,0 +1,104 @@
+"""Train DualTowerVLM.
+
+    python train/main.py --config train/configs/debug.toml [--section.key=value ...] [--profile]
+    torchrun --nproc_per_node N train/main.py --config train/configs/cauldron_135m.toml
+
+Imports only the installed `dualtower` package (torchrun puts train/ on sys.path, not the repository).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from dualtower import ops
+from dualtower.config import JobConfig, load_job_config, usage
+from dualtower.data.loader import build_loader
+from dualtower.model.config import ConfigError
+from dualtower.parallel import init_distributed, parallelize, teardown
+from dualtower.tokenizer import load_tokenizer
+from dualtower.training import (
+    Checkpointer,
+    Evaluator,
+    MetricsLogger,
+    NonFiniteLossError,
+    StepProfiler,
+    Trainer,
+    TrainerParts,
+    apply_freezing,
+    build_heldout,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+)
+
+
+def run(cfg: JobConfig) -> None:
+    env = init_distributed(cfg.training.device)
+    try:
+        run_dir = Path(cfg.job.run_dir)
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        ops.set_backend(cfg.model.attention_backend)
+        model = build_model(cfg.model, cfg.training.seed, env.device)
+        tokenizer = load_tokenizer(checkpoint_dir=cfg.model.checkpoint or None, tokenizer_id=model.cfg.tokenizer_id)
+        loaders = {
+            split: build_loader(cfg.data, model.cfg, tokenizer, split=split, rank=env.rank, world_size=env.world_size)
+            for split in ("train", "val")
+        }
+        apply_freezing(model, cfg.optim)
+        plan = parallelize(model, cfg.parallel, env)
+        optimizer = build_optimizer(model, cfg.optim, env.device)
+        parts = TrainerParts(
+            model=model,
+            model_cfg=model.cfg,
+            plan=plan,
+            env=env,
+            train_loader=loaders["train"],
+            optimizer=optimizer,
+            scheduler=build_scheduler(optimizer, cfg.schedule, cfg.training.steps),
+            checkpointer=Checkpointer(cfg.checkpoint, run_dir, env),
+            metrics=MetricsLogger(cfg.metrics, run_dir, env.is_main, cfg.training.steps, cfg.to_dict()),
+            evaluator=Evaluator(cfg.eval, loaders["val"], tokenizer, env, build_heldout(cfg.data, cfg.eval)),
+            profiler=StepProfiler(cfg.profile, run_dir, env.rank, env.device),
+            run_dir=run_dir,
+            tokenizer=tokenizer,
+        )
+        try:
+            Trainer(cfg.training, parts).train()
+        finally:
+            parts.metrics.close()
+    finally:
+        teardown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(usage())
+        return 0
+    try:
+        cfg = load_job_config(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        run(cfg)
+    except (NonFiniteLossError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
