@@ -1,34 +1,34 @@
 """Train-step throughput: dualtower's Trainer.train_step against the original algorithm's step, same run.
 
+    pytest benchmarks/bench_train.py [--benchmark-json out.json]
+
 Shape (reference_throughput.md): B = 4 rows x 2048 tokens, each row 5 tiles (5 x [tag + 64 image tokens] =
-325 prefix tokens) + 1723 supervised text tokens; random weights; AdamW; gradient clipping at 1.0.
-Providers:
-    original   benchmarks/original_step.py: fp32 weights + bf16 autocast, dense masks, right tower over the full
-               sequence, full logits (eager, or the whole loss under torch.compile)
+325 prefix tokens) + 1723 supervised text tokens; random weights; AdamW; gradient clipping at 1.0; median of
+8 steps after 3 warm-up steps.
+Providers (one benchmark entry each, the baseline first):
+    original   original_step.py: fp32 weights + bf16 autocast, dense masks, right tower over the full sequence,
+               full logits, torch.optim.AdamW (eager, or the whole loss under torch.compile)
     dualtower  Trainer.train_step: varlen kernels, right tower over text only, fused linear cross-entropy,
-               bf16 autocast, fused AdamW (eager, or per-block torch.compile)
-Cases: `debug` on the CPU (a small shape), and on CUDA the two targets: `135m` with the original's default
-freezing (projector + left LM train) in eager mode (target: >= 3x the original's tokens/s) and `360m` with
-everything trainable, both compiled (target: >= 2x the original's compiled tokens/s).
+               fp32 weights + bf16 autocast, fused AdamW (eager, or per-block torch.compile)
+Cases: `debug` on the CPU (a small shape); on CUDA the reference_throughput.md rows it can be held against:
+`135m` with the original's default freezing (projector + left LM train), `360m` with everything trainable in
+eager mode, and the same compiled (marked `compiled`: `-m "not compiled"` leaves it out).
 
-extra_info: tokens_per_s (B x T / median step time, the original's definition), mfu (model FLOPs of the step
-as counted by dualtower.training.flops, the same numerator for both providers), peak_mem_gib and, for
-dualtower, speedup over the original provider measured earlier in the same session.
-
-    pytest benchmarks/bench_train.py --benchmark-only
+extra_info (see _common.py): tokens_per_s (B x T / median step, the original's definition), tflops and mfu
+(model FLOPs of the step as dualtower.training.flops counts them: the same numerator for both providers, so
+MFU compares useful work), peak_mem_gib (process peak: weights, optimizer state, activations); on the
+dualtower entry also ratio (original step / dualtower step) and the original's figures as baseline_*; on CUDA
+the matching reference_throughput.md row as anchor_* (measured on an H100 with torch 2.11).
 """
 
 from __future__ import annotations
 
-import gc
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import CUDA, device_name, median_s, peak_mem_gib, reset_peak_memory, sync
 from original_step import original_loss, original_train_step, synthetic_rows
 
 from dualtower.config import JobConfig
@@ -60,14 +60,27 @@ class Case:
     trainable: str  # "default" (projector + left LM) or "all"
     compile: bool
     rounds: int
+    anchor: tuple[float, float] | None = None  # reference_throughput.md (H100): tokens/s, peak GiB
 
 
 CASES = [
-    Case("debug-cpu", "debug", "cpu", rows=2, tiles=2, text_len=96, trainable="all", compile=False, rounds=3),
-    Case("135m-default-eager", "135m", "cuda", 4, 5, 1723, trainable="default", compile=False, rounds=8),
-    Case("360m-all-compiled", "360m", "cuda", 4, 5, 1723, trainable="all", compile=True, rounds=8),
+    pytest.param(Case("debug-cpu", "debug", "cpu", 2, 2, 96, "all", compile=False, rounds=3), id="debug-cpu"),
+    pytest.param(
+        Case("135m-default-eager", "135m", "cuda", 4, 5, 1723, "default", False, 8, anchor=(31_418, 13.9)),
+        id="135m-default-eager",
+    ),
+    pytest.param(
+        Case("360m-all-eager", "360m", "cuda", 4, 5, 1723, "all", False, 8, anchor=(24_276, 38.1)),
+        id="360m-all-eager",
+    ),
+    pytest.param(
+        Case("360m-all-compiled", "360m", "cuda", 4, 5, 1723, "all", True, 8, anchor=(45_257, 31.4)),
+        id="360m-all-compiled",
+        marks=pytest.mark.compiled,
+    ),
 ]
-RESULTS: dict[str, float] = {}  # case name -> the original provider's median step time
+# case name -> the original provider's figures, measured earlier in this session (the baseline runs first)
+BASELINES: dict[str, dict[str, float | None]] = {}
 
 
 def _job(case: Case) -> JobConfig:
@@ -78,11 +91,6 @@ def _job(case: Case) -> JobConfig:
     cfg.training.steps = 1000
     cfg.metrics.progress = "none"
     return cfg
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _dualtower_step(case: Case, model: DualTowerVLM, batch, device: torch.device, run_dir: Path):
@@ -109,8 +117,8 @@ def _dualtower_step(case: Case, model: DualTowerVLM, batch, device: torch.device
     host_batch = batch.pin_memory() if device.type == "cuda" else batch
 
     def step() -> None:
-        trainer.train_step([host_batch])
-        _sync(device)
+        trainer.train_step([host_batch])  # copies the batch to the device, as in training
+        sync()
 
     return step
 
@@ -118,18 +126,10 @@ def _dualtower_step(case: Case, model: DualTowerVLM, batch, device: torch.device
 def _original_step(case: Case, model: DualTowerVLM, batch, device: torch.device):
     cfg = _job(case)
     model.requires_grad_(False)
-    lrs = {
-        "vision": cfg.optim.lr_vision,
-        "projector": cfg.optim.lr_projector,
-        "left": cfg.optim.lr_left,
-        "right": cfg.optim.lr_right,
-    }
-    towers = {
-        "vision": model.vision_encoder,
-        "projector": model.projector,
-        "left": model.left_decoder,
-        "right": model.right_decoder,
-    }
+    lrs = {"vision": cfg.optim.lr_vision, "projector": cfg.optim.lr_projector, "left": cfg.optim.lr_left,
+           "right": cfg.optim.lr_right}
+    towers = {"vision": model.vision_encoder, "projector": model.projector, "left": model.left_decoder,
+              "right": model.right_decoder}
     groups = []
     for name, tower in towers.items():
         if lrs[name] > 0:  # the original freezes by LR and keeps the last-layer parameters it never uses
@@ -142,53 +142,50 @@ def _original_step(case: Case, model: DualTowerVLM, batch, device: torch.device)
     host = {f: getattr(batch, f).pin_memory() if device.type == "cuda" else getattr(batch, f) for f in fields}
 
     def step() -> None:
-        for field_name, tensor in host.items():
+        for field_name, tensor in host.items():  # the original's loop moves every batch to the device
             setattr(batch, field_name, tensor.to(device, non_blocking=True))
         original_train_step(model, optimizer, batch, autocast, loss_fn)
-        _sync(device)
+        sync()
 
     return step
 
 
-def _run(benchmark, case: Case, provider: str, tmp_path: Path) -> None:
-    if case.device == "cuda" and not torch.cuda.is_available():
+@pytest.mark.parametrize("provider", ["original", "dualtower"])  # the baseline first: the ratio needs it
+@pytest.mark.parametrize("case", CASES)
+def test_train_step(benchmark, case: Case, provider: str, tmp_path: Path) -> None:
+    if case.device == "cuda" and not CUDA:
         pytest.skip("needs a CUDA device")
     device = torch.device(case.device)
-    torch.manual_seed(0)
     model = DualTowerVLM.from_flavor(case.flavor, device=device)
     original, packed = synthetic_rows(model, case.rows, case.tiles, case.text_len)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory()  # after the weights: the peak still counts them, as the reference's figure does
     if provider == "dualtower":
         step = _dualtower_step(case, model, packed, device, tmp_path)
     else:
         step = _original_step(case, model, original, device)
+    benchmark.group = f"train {case.name}"
     benchmark.pedantic(step, rounds=case.rounds, iterations=1, warmup_rounds=3 if device.type == "cuda" else 1)
-    median = benchmark.stats.stats.median
-    tokens = original.input_ids.numel()
+    median = median_s(benchmark)
+    if median is None:
+        return
+    apply_freezing(model, _job(case).optim)  # one freezing for both providers: the same FLOP numerator
     flops = FlopCounter(model).batch_flops(packed)
     peak = peak_flops(device)
+    figures = {
+        "tokens_per_s": original.input_ids.numel() / median,
+        "tflops": flops / median / 1e12,
+        "mfu": flops / median / peak if peak else None,
+        "peak_mem_gib": peak_mem_gib(),
+    }
     info = benchmark.extra_info
-    info.update(
-        case=case.name,
-        provider=provider,
-        tokens_per_step=tokens,
-        tokens_per_s=tokens / median,
-        model_tflops_per_step=flops / 1e12,
-        mfu=flops / median / peak if peak else None,
-    )
-    info["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    info.update(device=device_name() if device.type == "cuda" else "cpu", case=case.name, provider=provider,
+                role="baseline" if provider == "original" else "fast", tokens_per_step=original.input_ids.numel(),
+                model_tflops_per_step=flops / 1e12, step_ms=median * 1e3, **figures)
     if provider == "original":
-        RESULTS[case.name] = median
-    elif case.name in RESULTS:
-        info["speedup_vs_original"] = RESULTS[case.name] / median
-    del model, step
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-@pytest.mark.parametrize("provider", ["original", "dualtower"])  # the baseline first: the speedup needs it
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_train_step(benchmark, case: Case, provider: str, tmp_path: Path) -> None:
-    _run(benchmark, case, provider, tmp_path)
+        BASELINES[case.name] = {**figures, "step_ms": median * 1e3}
+    elif case.name in BASELINES:
+        baseline = BASELINES[case.name]
+        info.update(baseline="original", ratio=baseline["step_ms"] / (median * 1e3))
+        info.update({f"baseline_{key}": value for key, value in baseline.items()})
+    if case.anchor and device.type == "cuda":
+        info.update(anchor_tokens_per_s=case.anchor[0], anchor_peak_mem_gib=case.anchor[1])

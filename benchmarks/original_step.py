@@ -60,8 +60,10 @@ def _rope(position_ids: Tensor, inv_freq: Tensor, mask: Tensor | None) -> tuple[
     return cos, sin
 
 
-def _block(block, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, eps: float, left_kv=None):
-    """One Llama block as the original runs it; returns (x, (k, v)) with k, v (B, Hkv, T, D) before GQA expansion."""
+def _block(block, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, eps: float, left_kv=None, past=None):
+    """One Llama block as the original runs it; returns (x, (k, v)) with k, v (B, Hkv, T, D) before GQA expansion.
+
+    `past` (generation): the (k, v) cache of the earlier positions, grown with torch.cat as the original does."""
     batch, length, width = x.shape
     attn = block.attn
     h = _rms(x, block.norm1.weight, eps)
@@ -76,6 +78,8 @@ def _block(block, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, eps: float,
         n = k_left.shape[2]
         k = torch.cat([k_left, k[:, :, n:]], dim=2)
         v = torch.cat([v_left, v[:, :, n:]], dim=2)
+    if past is not None:
+        k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
     group = attn.n_heads // attn.n_kv_heads
     y = F.scaled_dot_product_attention(
         q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), attn_mask=mask, is_causal=False

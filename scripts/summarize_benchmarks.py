@@ -1,33 +1,140 @@
-"""Print a pytest-benchmark JSON file as one markdown table: time, ratio to baseline, throughput, memory."""
+"""Print benchmark results as one markdown table: time, ratio to the baseline, throughput, MFU, memory.
+
+    python scripts/summarize_benchmarks.py RESULTS [RESULTS ...]
+
+RESULTS: a pytest-benchmark JSON file (--benchmark-json) or the JSONL file that benchmarks/conftest.py appends to
+when DUALTOWER_BENCH_LOG is set (one line per finished benchmark; it survives a run cut short). A benchmark found
+in several files is listed once (the first file that holds it wins).
+
+The "vs baseline" column: on a fast-path entry, its recorded `ratio` against its primary baseline, timed in the
+same test; on a baseline entry, how many times faster the fast-path entry of the same group was (both medians
+from the same run). Keys are those of benchmarks/_common.py.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-COLUMNS = ("ratio", "tokens_per_s", "tflops", "gbps", "mfu", "ms_per_token", "peak_mem_gib")
-
-
-def _format(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return "" if value is None else str(value)
+COLUMNS = ("benchmark", "median ms", "vs baseline", "tokens/s", "ms/token", "TFLOP/s", "GB/s", "MFU", "peak GiB")
 
 
-def summarize(path: Path) -> str:
-    data = json.loads(path.read_text())
-    lines = [f"machine: {data.get('machine_info', {}).get('node', '?')}  date: {data.get('datetime', '?')}", ""]
-    lines.append("| benchmark | median ms | " + " | ".join(COLUMNS) + " |")
-    lines.append("|---" * (len(COLUMNS) + 2) + "|")
+@dataclass
+class Entry:
+    name: str
+    fullname: str
+    group: str
+    median_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Results:
+    entries: list[Entry] = field(default_factory=list)
+    headers: list[str] = field(default_factory=list)
+
+
+def _from_json(data: dict[str, Any], results: Results) -> None:
+    machine = data.get("machine_info", {})
+    cpu = machine.get("cpu", {}).get("brand_raw", "?")
+    results.headers.append(f"node: {machine.get('node', '?')}  cpu: {cpu}  date: {data.get('datetime', '?')}")
     for bench in data.get("benchmarks", []):
-        extra = bench.get("extra_info", {})
-        cells = [_format(extra.get(key)) for key in COLUMNS]
-        lines.append(f"| {bench['name']} | {bench['stats']['median'] * 1e3:.3f} | " + " | ".join(cells) + " |")
+        results.entries.append(Entry(bench["name"], bench.get("fullname", bench["name"]), bench.get("group") or "",
+                                     bench["stats"]["median"], bench.get("extra_info", {})))
+
+
+def _from_jsonl(text: str, results: Results) -> None:
+    for line in text.splitlines():
+        if line.strip():
+            record = json.loads(line)
+            results.entries.append(Entry(record["name"], record.get("fullname", record["name"]),
+                                         record.get("group") or "", record["median_s"], record.get("extra_info", {})))
+
+
+def load(paths: list[Path]) -> Results:
+    results = Results()
+    for path in paths:
+        text = path.read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            _from_jsonl(text, results)  # several JSON documents, one per line
+            continue
+        if isinstance(data, dict) and "benchmarks" in data:
+            _from_json(data, results)
+        else:
+            _from_jsonl(text, results)  # a JSONL file with a single line
+    seen: set[str] = set()
+    unique = []
+    for entry in results.entries:
+        if entry.fullname not in seen:
+            seen.add(entry.fullname)
+            unique.append(entry)
+    results.entries = unique
+    return results
+
+
+def _number(value: Any, digits: int = 3) -> str:
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return ""
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
+
+
+def _versus(entry: Entry, fast_by_group: dict[str, Entry]) -> str:
+    extra = entry.extra
+    if extra.get("role") == "fast" and isinstance(extra.get("ratio"), int | float):
+        return f"{extra['ratio']:.2f}x vs {extra.get('baseline', 'baseline')}"
+    fast = fast_by_group.get(entry.group)
+    if extra.get("role") == "baseline" and fast is not None and fast.median_s > 0:
+        return f"{fast.extra.get('provider', 'fast')} {entry.median_s / fast.median_s:.2f}x faster"
+    return ""
+
+
+def _row(entry: Entry, fast_by_group: dict[str, Entry]) -> list[str]:
+    extra = entry.extra
+    mfu = extra.get("mfu")
+    cells = [
+        entry.name,
+        f"{entry.median_s * 1e3:.3f}",
+        _versus(entry, fast_by_group),
+        _number(extra.get("tokens_per_s")),
+        _number(extra.get("ms_per_token")),
+        _number(extra.get("tflops")),
+        _number(extra.get("gb_s")),
+        f"{100 * mfu:.1f}%" if isinstance(mfu, int | float) else "",
+        _number(extra.get("peak_mem_gib")),
+    ]
+    return [cell.replace("|", "/") for cell in cells]
+
+
+def summarize(results: Results) -> str:
+    devices = sorted({str(e.extra["device"]) for e in results.entries if e.extra.get("device")})
+    lines = [*results.headers, f"devices: {', '.join(devices) or '?'}", ""]
+    if not results.entries:
+        return "\n".join([*lines, "no benchmark results"])
+    fast_by_group = {e.group: e for e in results.entries if e.extra.get("role") == "fast" and e.group}
+    lines.append("| " + " | ".join(COLUMNS) + " |")
+    lines.append("|" + "---|" * len(COLUMNS))
+    lines += ["| " + " | ".join(_row(entry, fast_by_group)) + " |" for entry in results.entries]
     return "\n".join(lines)
 
 
+def main(argv: list[str]) -> int:
+    paths = [Path(arg) for arg in argv]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if not paths or missing:
+        print("usage: python scripts/summarize_benchmarks.py RESULTS.json|RESULTS.jsonl [...]", file=sys.stderr)
+        if missing:
+            print(f"not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    print(summarize(load(paths)))
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_file():
-        sys.exit("usage: python scripts/summarize_benchmarks.py BENCHMARK_JSON")
-    print(summarize(Path(sys.argv[1])))
+    sys.exit(main(sys.argv[1:]))

@@ -15,10 +15,9 @@ VOCAB = 49218
 needs_nvcc = pytest.mark.skipif(csrc_sampler.find_nvcc() is None, reason="nvcc not installed")
 
 
-@pytest.mark.slow
 @needs_nvcc
 def test_the_cuda_source_compiles(tmp_path) -> None:
-    """Compile only (no link, no GPU): catches C++/CUDA errors on CPU machines with nvcc (about a minute)."""
+    """Compile only (no link, no GPU): CI compiles it wherever nvcc exists, GPU or not (about a minute)."""
     output = csrc_sampler.compile_only(tmp_path / "sampling.o")
     assert output.stat().st_size > 0
 
