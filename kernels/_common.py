@@ -7,6 +7,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 # Read once at import: tests/conftest.py sets TRITON_INTERPRET before anything imports this package.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -45,3 +46,9 @@ def check_triton_device(*tensors: torch.Tensor) -> None:
                 "use the 'reference' backend instead"
             )
 
+
+@triton.jit
+def row_offsets(start, n_rows: tl.constexpr, n_heads, head, offs_d, HEAD_DIM: tl.constexpr):
+    """Element offsets of rows start .. start + n_rows of one head."""
+    rows = start + tl.arange(0, n_rows)
+    return (rows[:, None] * n_heads + head) * HEAD_DIM + offs_d[None, :]
