@@ -19,10 +19,13 @@ extra_info (see _common.py): tokens_per_s (B x T / median step, the original's d
 MFU compares useful work), peak_mem_gib (process peak: weights, optimizer state, activations); on the
 dualtower entry also ratio (original step / dualtower step) and the original's figures as baseline_*; on CUDA
 the matching reference_throughput.md row as anchor_* (measured on an H100 with torch 2.11).
+DUALTOWER_BENCH_PROFILE_DIR=DIR: after timing, one more step of each provider (debug and 360m cases) runs under
+the torch profiler into DIR/train_<case>_<provider>.json (`python -m dualtower.training.profiling` breaks it down).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +50,7 @@ from dualtower.training import (
     build_scheduler,
     peak_flops,
 )
+from dualtower.training.profiling import trace_to
 
 
 @dataclass(frozen=True)
@@ -61,20 +65,23 @@ class Case:
     compile: bool
     rounds: int
     anchor: tuple[float, float] | None = None  # reference_throughput.md (H100): tokens/s, peak GiB
+    profile: bool = False  # traced under DUALTOWER_BENCH_PROFILE_DIR (a 360m trace takes seconds to write)
 
 
 CASES = [
-    pytest.param(Case("debug-cpu", "debug", "cpu", 2, 2, 96, "all", compile=False, rounds=3), id="debug-cpu"),
+    pytest.param(
+        Case("debug-cpu", "debug", "cpu", 2, 2, 96, "all", compile=False, rounds=3, profile=True), id="debug-cpu"
+    ),
     pytest.param(
         Case("135m-default-eager", "135m", "cuda", 4, 5, 1723, "default", False, 8, anchor=(31_418, 13.9)),
         id="135m-default-eager",
     ),
     pytest.param(
-        Case("360m-all-eager", "360m", "cuda", 4, 5, 1723, "all", False, 8, anchor=(24_276, 38.1)),
+        Case("360m-all-eager", "360m", "cuda", 4, 5, 1723, "all", False, 8, anchor=(24_276, 38.1), profile=True),
         id="360m-all-eager",
     ),
     pytest.param(
-        Case("360m-all-compiled", "360m", "cuda", 4, 5, 1723, "all", True, 8, anchor=(45_257, 31.4)),
+        Case("360m-all-compiled", "360m", "cuda", 4, 5, 1723, "all", True, 8, anchor=(45_257, 31.4), profile=True),
         id="360m-all-compiled",
         marks=pytest.mark.compiled,
     ),
@@ -150,6 +157,16 @@ def _original_step(case: Case, model: DualTowerVLM, batch, device: torch.device)
     return step
 
 
+def _model_flops(case: Case, model: DualTowerVLM, batch) -> float:
+    """The step's model FLOPs under dualtower's freezing, whichever provider ran: the same numerator for both."""
+    flags = [p.requires_grad for p in model.parameters()]
+    apply_freezing(model, _job(case).optim)
+    flops = FlopCounter(model).batch_flops(batch)
+    for param, flag in zip(model.parameters(), flags, strict=True):  # the provider's own flags, for profiling
+        param.requires_grad_(flag)
+    return flops
+
+
 @pytest.mark.parametrize("provider", ["original", "dualtower"])  # the baseline first: the ratio needs it
 @pytest.mark.parametrize("case", CASES)
 def test_train_step(benchmark, case: Case, provider: str, tmp_path: Path) -> None:
@@ -168,14 +185,14 @@ def test_train_step(benchmark, case: Case, provider: str, tmp_path: Path) -> Non
     median = median_s(benchmark)
     if median is None:
         return
-    apply_freezing(model, _job(case).optim)  # one freezing for both providers: the same FLOP numerator
-    flops = FlopCounter(model).batch_flops(packed)
-    peak = peak_flops(device)
+    memory = peak_mem_gib()
+    flops = _model_flops(case, model, packed)
+    device_peak = peak_flops(device)
     figures = {
         "tokens_per_s": original.input_ids.numel() / median,
         "tflops": flops / median / 1e12,
-        "mfu": flops / median / peak if peak else None,
-        "peak_mem_gib": peak_mem_gib(),
+        "mfu": flops / median / device_peak if device_peak else None,
+        "peak_mem_gib": memory,
     }
     info = benchmark.extra_info
     info.update(device=device_name() if device.type == "cuda" else "cpu", case=case.name, provider=provider,
@@ -189,3 +206,7 @@ def test_train_step(benchmark, case: Case, provider: str, tmp_path: Path) -> Non
         info.update({f"baseline_{key}": value for key, value in baseline.items()})
     if case.anchor and device.type == "cuda":
         info.update(anchor_tokens_per_s=case.anchor[0], anchor_peak_mem_gib=case.anchor[1])
+    folder = os.environ.get("DUALTOWER_BENCH_PROFILE_DIR")
+    if case.profile and folder:  # after the figures: profiling must not touch them
+        with trace_to(Path(folder) / f"train_{case.name}_{provider}.json", device):
+            step()

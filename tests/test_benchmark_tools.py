@@ -1,0 +1,101 @@
+"""The benchmark tooling: the summary table, incremental results from benchmarks/conftest.py, gpu_check.sh."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _summarizer():
+    spec = importlib.util.spec_from_file_location("summarize_benchmarks", ROOT / "scripts" / "summarize_benchmarks.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bench(name: str, group: str, median: float, **extra) -> dict:
+    return {"name": name, "fullname": f"bench_x.py::{name}", "group": group, "stats": {"median": median},
+            "extra_info": extra}
+
+
+def test_summary_table_ratios_throughput_and_deduplication(tmp_path: Path) -> None:
+    summarize = _summarizer()
+    report = {
+        "machine_info": {"node": "box", "cpu": {"brand_raw": "EPYC"}},
+        "datetime": "2026-11-27",
+        "benchmarks": [
+            _bench("test_step[original]", "train 360m", 0.30, role="baseline", provider="original", mfu=0.17,
+                   tokens_per_s=27_306.7, device="H100"),
+            _bench("test_step[dualtower]", "train 360m", 0.10, role="fast", provider="dualtower", ratio=3.0,
+                   baseline="original", mfu=0.51, tokens_per_s=81_920.0, peak_mem_gib=20.5, device="H100"),
+        ],
+    }
+    (tmp_path / "run.json").write_text(json.dumps(report))
+    lines = [  # one repeats a JSON entry (kept once), one only finished in the log
+        {"name": "test_step[dualtower]", "fullname": "bench_x.py::test_step[dualtower]", "group": "train 360m",
+         "median_s": 9.9, "extra_info": {}},
+        {"name": "test_decode[1]", "fullname": "bench_y.py::test_decode[1]", "group": "decode", "median_s": 0.2,
+         "extra_info": {"role": "fast", "ratio": 12.5, "baseline": "original_generate", "ms_per_token": 2.5}},
+    ]
+    (tmp_path / "run.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    table = summarize.summarize(summarize.load([tmp_path / "run.json", tmp_path / "run.jsonl"]))
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| test_")}
+    assert list(rows) == ["test_step[original]", "test_step[dualtower]", "test_decode[1]"]
+    assert "dualtower 3.00x faster" in rows["test_step[original]"] and "17.0%" in rows["test_step[original]"]
+    assert "3.00x vs original" in rows["test_step[dualtower]"] and "81,920" in rows["test_step[dualtower]"]
+    assert "| 100.000 |" in rows["test_step[dualtower]"]  # the JSON's median, not the log's duplicate
+    assert "12.50x vs original_generate" in rows["test_decode[1]"] and "| 2.5 |" in rows["test_decode[1]"]
+    assert "devices: H100" in table
+    assert summarize.main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_benchmark_log_keeps_each_finished_benchmark(tmp_path: Path) -> None:
+    """benchmarks/conftest.py appends a JSON line per benchmark as it ends (what a timed-out run keeps)."""
+    for name in ("conftest.py", "_common.py"):
+        shutil.copy(ROOT / "benchmarks" / name, tmp_path / name)
+    (tmp_path / "bench_tiny.py").write_text(
+        "def test_tiny(benchmark):\n"
+        "    benchmark.group = 'tiny'\n"
+        "    benchmark.pedantic(sum, args=(range(100),), rounds=3)\n"
+        "    benchmark.extra_info.update(role='fast', ratio=2.0, baseline='slow', tokens_per_s=5.0)\n"
+    )
+    log = tmp_path / "results.jsonl"
+    env = {**os.environ, "DUALTOWER_BENCH_LOG": str(log)}
+    command = [sys.executable, "-m", "pytest", str(tmp_path / "bench_tiny.py"), "-q", "-p", "no:cacheprovider",
+               "-o", "python_files=bench_*.py", "--rootdir", str(tmp_path), "-c", os.devnull]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (record,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert record["name"] == "test_tiny" and record["group"] == "tiny" and record["rounds"] == 3
+    assert record["extra_info"]["ratio"] == 2.0 and record["median_s"] > 0
+    summarize = _summarizer()
+    assert "2.00x vs slow" in summarize.summarize(summarize.load([log]))
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash")
+def test_gpu_check_plan_and_refusal_without_cuda(tmp_path: Path) -> None:
+    script = str(ROOT / "scripts" / "gpu_check.sh")
+    plan = subprocess.run(["bash", script, "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    stages = [line.split()[0] for line in plan.stdout.splitlines()]
+    assert stages == ["install", "gpu_tests", "train", "decode", "kernels", "other_benchmarks", "profile_360m",
+                      "compiled"]
+    assert "--no-deps" in plan.stdout and "-m gpu" in plan.stdout
+    if torch.cuda.is_available():
+        return
+    out = tmp_path / "out"
+    refused = subprocess.run(["bash", script, str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 3
+    assert "no CUDA device" in refused.stderr
+    assert not out.exists()  # nothing ran, nothing was written

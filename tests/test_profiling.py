@@ -1,0 +1,130 @@
+"""Profiler traces of training steps and of generation, and the step breakdown read back from a trace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from dualtower.generate import main as generate_main
+from dualtower.generation import Generator, PreparedPrompt, SamplingConfig
+from dualtower.generation.profiling import GenerationProfiler
+from dualtower.model import DualTowerVLM
+from dualtower.training.profiling import StepProfiler, breakdown, format_breakdown, load_trace
+from dualtower.training.profiling import main as breakdown_main
+
+
+def _names(trace: Path) -> set[str]:
+    return {event.get("name", "") for event in load_trace(trace)}
+
+
+def test_step_profiler_traces_only_the_chosen_steps(tmp_path: Path) -> None:
+    cfg = SimpleNamespace(enabled=True, steps=(2,), folder="profile")
+    profiler = StepProfiler(cfg, tmp_path, rank=0, device=torch.device("cpu"))
+    weight = torch.randn(64, 64, requires_grad=True)
+    optimizer = torch.optim.AdamW([weight])
+    for step in (1, 2, 3):
+        with profiler.step(step):
+            (torch.randn(32, 64) @ weight).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    written = sorted(p.name for p in (tmp_path / "profile").iterdir())
+    assert written == ["step_000002_rank0.json", "step_000002_rank0.txt"]
+    result = breakdown(load_trace(tmp_path / "profile" / "step_000002_rank0.json"))
+    assert not result.device
+    assert result.categories["matmul"] > 0
+    assert all(result.phases[phase] > 0 for phase in ("forward", "backward", "optimizer"))
+
+
+def _event(name: str, ts: float, dur: float, cat: str = "cpu_op", tid: int = 1, ext: int | None = None) -> dict:
+    args = {} if ext is None else {"External id": ext}
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": tid, "args": args}
+
+
+def test_breakdown_of_a_gpu_trace_by_phase_category_and_busy_time() -> None:
+    """Kernels take the phase of the operator that launched them; the GPU idles 40 us of a 100 us span."""
+    events = [
+        _event("aten::mm", 0, 10, ext=1),
+        _event("autograd::engine::evaluate_function: MmBackward0", 20, 30, tid=2),
+        _event("aten::mm", 22, 10, tid=2, ext=2),
+        _event("Optimizer.step#AdamW.step", 60, 20, cat="user_annotation"),
+        _event("aten::_fused_adamw_", 61, 10, ext=3),
+        _event("sm90_xmma_gemm_bf16", 0, 20, cat="kernel", ext=1),
+        _event("nvjet_hsh_gemm", 30, 20, cat="kernel", ext=2),
+        _event("void multi_tensor_apply_kernel<AdamW>", 80, 10, cat="kernel", ext=3),
+        _event("Memcpy HtoD", 90, 10, cat="gpu_memcpy"),
+    ]
+    result = breakdown(events)
+    assert result.device
+    assert result.total_ms == pytest.approx(0.060)
+    assert dict(result.phases) == pytest.approx({"forward": 0.030, "backward": 0.020, "optimizer": 0.010})
+    assert dict(result.categories) == pytest.approx({"matmul": 0.040, "optimizer": 0.010, "memory": 0.010})
+    assert result.span_ms == pytest.approx(0.100)
+    assert result.busy_ms == pytest.approx(0.060)
+    text = format_breakdown(result)
+    assert "GPU busy" in text and "| backward | 0.02 | 33.3% |" in text
+
+
+def test_breakdown_of_a_cpu_trace_counts_exclusive_time() -> None:
+    events = [_event("aten::linear", 0, 100), _event("aten::mm", 10, 70), _event("aten::add_", 85, 10)]
+    result = breakdown(events)
+    assert not result.device
+    assert result.names["aten::linear"][1] == pytest.approx(0.020)  # 100 us minus its children's 80 us
+    assert result.total_ms == pytest.approx(0.100)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dualtower.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("checkpoint")
+    DualTowerVLM.from_flavor("debug").save_pretrained(directory, load_tokenizer())
+    return directory
+
+
+def test_generate_profile_traces_left_tower_and_first_decode_steps(tmp_path, capsys, checkpoint) -> None:
+    image = tmp_path / "red.png"
+    Image.new("RGB", (96, 64), (200, 30, 40)).save(image)
+    out = tmp_path / "profile"
+    argv = ["--checkpoint", checkpoint, "--image", image, "--prompt", "Colour?", "--max_new_tokens", 6]
+    code = generate_main([str(a) for a in [*argv, "--profile", out, "--profile_steps", 2]])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.count("\n") == 1  # the answer, printed once
+    names = _names(out / "generate.json")
+    assert {"generate/left_tower", "generate/decode_step_1", "generate/decode_step_2"} <= names
+    assert "generate/decode_step_3" not in names  # the profiler stopped after two steps
+    assert (out / "generate.txt").read_text().strip()
+    assert breakdown_main([str(out / "generate.json")]) == 0
+    assert "| phase | ms | share |" in capsys.readouterr().out
+
+
+def test_generation_profiler_restores_the_generator(tmp_path, checkpoint) -> None:
+    model = DualTowerVLM.from_pretrained(checkpoint).requires_grad_(False)
+    cfg = model.cfg
+    ids = [1, 9, 10, cfg.global_image_token_id, *[cfg.image_token_id] * cfg.image_tokens_per_tile, 300, 301]
+    prompt = PreparedPrompt(torch.tensor(ids), torch.rand(1, 3, cfg.tile_size, cfg.tile_size), len(ids) - 2)
+    generator = Generator(model, eos_token_ids=())
+    config = SamplingConfig(max_new_tokens=4)
+    expected = generator.generate_prepared([prompt], config)[0].token_ids
+    generator.prefix_cache.clear()
+    profiler = GenerationProfiler(tmp_path, decode_steps=1, name="one_step")
+    results = profiler.run(generator, lambda: generator.generate_prepared([prompt], config))
+    assert results[0].token_ids == expected  # tracing changes nothing
+    assert "_decode" not in vars(generator) and "_prefix_kv" not in vars(generator)
+    names = _names(tmp_path / "one_step.json")
+    assert "generate/decode_step_1" in names and "generate/decode_step_2" not in names
+    with pytest.raises(ValueError, match="decode_steps"):
+        GenerationProfiler(tmp_path, decode_steps=0)
+
+
+def test_cli_rejects_a_missing_trace_and_bad_profile_steps(tmp_path, capsys, checkpoint) -> None:
+    assert breakdown_main([str(tmp_path / "missing.json")]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        generate_main(["--checkpoint", str(checkpoint), "--profile", str(tmp_path), "--profile_steps", "0"])
+    assert exit_.value.code == 2
+    assert "--profile_steps must be >= 1" in capsys.readouterr().err
