@@ -19,8 +19,9 @@
 # (The original train.sh also trained the vanilla model after the dual tower; here that is its own recipe.)
 set -euo pipefail
 
+CALLER_DIR="$PWD"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-cd "$ROOT"
+cd "$ROOT"  # as the original: the recipes' run_dir, LOG_DIR and relative override paths start here
 PYTHON="${PYTHON:-python}"
 
 recipe="${RECIPE:-debug}"
@@ -30,6 +31,9 @@ if [[ $# -gt 0 && "$1" != --* ]]; then
 fi
 if [[ "$recipe" == *.toml || "$recipe" == */* ]]; then
     config="$recipe"
+    if [[ "$config" != /* && -f "$CALLER_DIR/$config" ]]; then
+        config="$CALLER_DIR/$config"  # a recipe file given relative to where train.sh was called from
+    fi
 else
     config="train/configs/$recipe.toml"
 fi

@@ -26,18 +26,20 @@ def fake_gpus(folder: Path, count: int) -> Path:
     return folder
 
 
-def run_train_sh(args: list[str], bin_dir: Path, timeout: float = 30, **env: str) -> subprocess.CompletedProcess:
+def run_train_sh(
+    args: list[str], bin_dir: Path, timeout: float = 30, cwd: Path = Path("/"), **env: str
+) -> subprocess.CompletedProcess:
     environment = subprocess_env()
     for name in ("CUDA_VISIBLE_DEVICES", "RECIPE", "NPROC", "TORCHRUN_ARGS", "DRY_RUN", "HF_TOKEN", "HF_API_KEY"):
         environment.pop(name, None)
     environment.update({"PATH": f"{bin_dir}{os.pathsep}{environment['PATH']}", "PYTHON": sys.executable, **env})
     return subprocess.run(
-        ["bash", str(TRAIN_SH), *args], capture_output=True, text=True, timeout=timeout, env=environment, cwd="/"
+        ["bash", str(TRAIN_SH), *args], capture_output=True, text=True, timeout=timeout, env=environment, cwd=cwd
     )
 
 
-def dry_run(args: list[str], bin_dir: Path, **env: str) -> list[str]:
-    result = run_train_sh(args, bin_dir, DRY_RUN="1", **env)
+def dry_run(args: list[str], bin_dir: Path, cwd: Path = Path("/"), **env: str) -> list[str]:
+    result = run_train_sh(args, bin_dir, cwd=cwd, DRY_RUN="1", **env)
     assert result.returncode == 0, result.stderr
     words = result.stdout.split()
     assert words[0] == sys.executable
@@ -58,7 +60,7 @@ def test_no_arguments_is_the_debug_recipe_in_one_plain_process(no_gpu: Path) -> 
     assert dry_run([], no_gpu) == ["train/main.py", "--config", "train/configs/debug.toml"]
 
 
-def test_recipe_by_argument_environment_or_path_and_overrides_pass_through(no_gpu: Path) -> None:
+def test_recipe_by_argument_environment_or_path_and_overrides_pass_through(tmp_path: Path, no_gpu: Path) -> None:
     config = ["train/main.py", "--config"]
     assert dry_run(["vanilla_debug", "--training.steps=2"], no_gpu) == [
         *config, "train/configs/vanilla_debug.toml", "--training.steps=2",
@@ -68,6 +70,8 @@ def test_recipe_by_argument_environment_or_path_and_overrides_pass_through(no_gp
     ]  # fmt: skip
     custom = ROOT / "train" / "configs" / "vanilla_360m.toml"
     assert dry_run([str(custom)], no_gpu) == [*config, str(custom)]
+    (tmp_path / "mine.toml").write_text(custom.read_text())  # relative to the caller's directory
+    assert dry_run(["mine.toml"], no_gpu, cwd=tmp_path) == [*config, str(tmp_path / "mine.toml")]
     result = run_train_sh(["no_such_recipe"], no_gpu)
     assert result.returncode == 2 and "recipe not found" in result.stderr and "vanilla_debug" in result.stderr
 

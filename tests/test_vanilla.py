@@ -129,6 +129,7 @@ def test_cached_generation_equals_teacher_forced_recomputation() -> None:
     for result, reference in zip(results, expected, strict=True):
         torch.testing.assert_close(result.logits, reference, atol=1e-4, rtol=0)
         assert result.token_ids == reference.argmax(-1).tolist()
+    assert len({tuple(r.token_ids) for r in results}) == len(prompts)  # the test model is not degenerate
 
 
 # -- nanoVLM and original checkpoints -----------------------------------------------------------------------
@@ -195,6 +196,19 @@ def test_vanilla_recipe_trains_exports_generates_and_evaluates(tmp_path: Path, c
     evaluate_args = ["--model", str(export), "--offline-parquet", str(parquet), "--output_path", str(output)]
     assert evaluate_main([*evaluate_args, "--device", "cpu", "--gen_kwargs", "max_new_tokens=2"]) == 0
     assert json.loads(output.read_text())["num_samples"] == 2
+
+
+def test_nanovlm_checkpoint_as_dual_tower_computes_the_vanilla_model(tmp_path: Path) -> None:
+    """Loaded without `architecture` (as the generation and evaluation CLIs do), a nanoVLM checkpoint becomes a
+    dual tower whose right LM is a copy of its LM: the same outputs as the single tower, at twice the LM memory."""
+    source = tiny_model("vanilla")
+    write_original(nanovlm_modules(source), source.cfg, tmp_path)
+    dual = DualTowerVLM.from_pretrained(tmp_path)
+    vanilla = DualTowerVLM.from_pretrained(tmp_path, architecture="vanilla")
+    assert dual.cfg.architecture == "dual_tower" and vanilla.cfg.architecture == "vanilla"
+    batch = random_batch(vanilla, [(1, 3, 5), (0, 0, 4), (2, 1, 6)], torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(dual(batch), vanilla(batch), atol=1e-6, rtol=0)
 
 
 # -- recipes ------------------------------------------------------------------------------------------------
