@@ -36,18 +36,11 @@ from original_step import original_loss, original_train_step, synthetic_rows
 
 from dualtower.config import JobConfig
 from dualtower.model import DualTowerVLM
-from dualtower.parallel import DistEnv, parallelize
+from dualtower.parallel import DistEnv
 from dualtower.training import (
-    Checkpointer,
-    Evaluator,
     FlopCounter,
-    MetricsLogger,
-    StepProfiler,
-    Trainer,
-    TrainerParts,
     apply_freezing,
-    build_optimizer,
-    build_scheduler,
+    build_trainer,
     peak_flops,
 )
 from dualtower.training.profiling import trace_to
@@ -103,24 +96,7 @@ def _job(case: Case) -> JobConfig:
 def _dualtower_step(case: Case, model: DualTowerVLM, batch, device: torch.device, run_dir: Path):
     cfg = _job(case)
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=device, mesh=None)
-    apply_freezing(model, cfg.optim)
-    plan = parallelize(model, cfg.parallel, env)
-    optimizer = build_optimizer(model, cfg.optim, device)
-    parts = TrainerParts(
-        model=model,
-        model_cfg=model.cfg,
-        plan=plan,
-        env=env,
-        train_loader=None,
-        optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, cfg.schedule, cfg.training.steps),
-        checkpointer=Checkpointer(cfg.checkpoint, run_dir, env),
-        metrics=MetricsLogger(cfg.metrics, run_dir, False, cfg.training.steps, {}),
-        evaluator=Evaluator(cfg.eval, None, None, env),
-        profiler=StepProfiler(cfg.profile, run_dir, 0, device),
-        run_dir=run_dir,
-    )
-    trainer = Trainer(cfg.training, parts)
+    trainer = build_trainer(cfg, model, env, run_dir, train_loader=None)
     host_batch = batch.pin_memory() if device.type == "cuda" else batch
 
     def step() -> None:

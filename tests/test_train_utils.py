@@ -13,18 +13,9 @@ from dualtower.batch import PackedBatch
 from dualtower.config import JobConfig
 from dualtower.model import DualTowerVLM
 from dualtower.model.config import LMConfig, ModelConfig, VisionConfig, flavor
-from dualtower.parallel import DistEnv, parallelize
-from dualtower.training import (
-    Checkpointer,
-    Evaluator,
-    MetricsLogger,
-    StepProfiler,
-    Trainer,
-    TrainerParts,
-    apply_freezing,
-    build_optimizer,
-    build_scheduler,
-)
+from dualtower.parallel import DistEnv
+from dualtower.training import Trainer
+from dualtower.training import build_trainer as assemble
 
 
 @pytest.fixture
@@ -86,24 +77,7 @@ def build_trainer(
 ) -> Trainer:
     cfg = cfg or default_job()
     env = env or single_env()
-    apply_freezing(model, cfg.optim)
-    plan = parallelize(model, cfg.parallel, env)
-    optimizer = build_optimizer(model, cfg.optim, env.device)
-    parts = TrainerParts(
-        model=model,
-        model_cfg=model.cfg,
-        plan=plan,
-        env=env,
-        train_loader=ListLoader(batches),
-        optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, cfg.schedule, cfg.training.steps),
-        checkpointer=Checkpointer(cfg.checkpoint, run_dir, env),
-        metrics=MetricsLogger(cfg.metrics, run_dir, True, cfg.training.steps, {}),
-        evaluator=Evaluator(cfg.eval, None, None, env),
-        profiler=StepProfiler(cfg.profile, run_dir, 0, env.device),
-        run_dir=run_dir,
-    )
-    return Trainer(cfg.training, parts)
+    return assemble(cfg, model, env, run_dir, ListLoader(batches))
 
 
 def default_job() -> JobConfig:

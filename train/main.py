@@ -18,21 +18,14 @@ from dualtower import ops
 from dualtower.config import JobConfig, load_job_config, usage
 from dualtower.data.loader import build_loader
 from dualtower.model.config import ConfigError
-from dualtower.parallel import init_distributed, parallelize, teardown
+from dualtower.parallel import init_distributed, teardown
 from dualtower.tokenizer import load_tokenizer
 from dualtower.training import (
-    Checkpointer,
     Evaluator,
-    MetricsLogger,
     NonFiniteLossError,
-    StepProfiler,
-    Trainer,
-    TrainerParts,
-    apply_freezing,
     build_heldout,
     build_model,
-    build_optimizer,
-    build_scheduler,
+    build_trainer,
 )
 
 
@@ -50,28 +43,12 @@ def run(cfg: JobConfig) -> None:
             split: build_loader(cfg.data, model.cfg, tokenizer, split=split, rank=env.rank, world_size=env.world_size)
             for split in ("train", "val")
         }
-        apply_freezing(model, cfg.optim)
-        plan = parallelize(model, cfg.parallel, env)
-        optimizer = build_optimizer(model, cfg.optim, env.device)
-        parts = TrainerParts(
-            model=model,
-            model_cfg=model.cfg,
-            plan=plan,
-            env=env,
-            train_loader=loaders["train"],
-            optimizer=optimizer,
-            scheduler=build_scheduler(optimizer, cfg.schedule, cfg.training.steps),
-            checkpointer=Checkpointer(cfg.checkpoint, run_dir, env),
-            metrics=MetricsLogger(cfg.metrics, run_dir, env.is_main, cfg.training.steps, cfg.to_dict()),
-            evaluator=Evaluator(cfg.eval, loaders["val"], tokenizer, env, build_heldout(cfg.data, cfg.eval)),
-            profiler=StepProfiler(cfg.profile, run_dir, env.rank, env.device),
-            run_dir=run_dir,
-            tokenizer=tokenizer,
-        )
+        evaluator = Evaluator(cfg.eval, loaders["val"], tokenizer, env, build_heldout(cfg.data, cfg.eval))
+        trainer = build_trainer(cfg, model, env, run_dir, loaders["train"], evaluator, tokenizer)
         try:
-            Trainer(cfg.training, parts).train()
+            trainer.train()
         finally:
-            parts.metrics.close()
+            trainer.parts.metrics.close()
     finally:
         teardown()
 

@@ -1,5 +1,6 @@
 """Training: optimizer and schedule, the trainer loop, checkpoints, metrics, evaluation and profiling."""
 
+from dualtower.training.assemble import build_trainer
 from dualtower.training.build import build_heldout, build_model
 from dualtower.training.checkpoint import Checkpointer, export_pretrained, full_model_copy
 from dualtower.training.evaluate import Evaluator
@@ -24,6 +25,7 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "build_scheduler",
+    "build_trainer",
     "export_pretrained",
     "full_model_copy",
     "lr_multiplier",
