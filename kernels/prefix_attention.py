@@ -127,8 +127,6 @@ def concat_prefix_text(
 # the loops are document-local; pointers are built once per block and advanced by position * row step.
 
 
-
-
 @triton.jit
 def _fwd_key_range(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, row_step, lo, hi, n_keys, query_pos, d_mask, qk_scale,
