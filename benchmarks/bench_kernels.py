@@ -9,9 +9,10 @@ test and records `ratio` (primary baseline time / triton time), `ratio_vs_<basel
 beyond its live inputs. The torch.compile'd baselines (`compiled_reference`, `flex_attention`) are marked
 `compiled` and compared through their own entries (scripts/summarize_benchmarks.py lists every pair).
 
-CPU: tiny fp32 shapes. The eager baselines are timed (for the suite's own sake, not as speed claims); the Triton
-kernels run once through the interpreter (TRITON_INTERPRET=1, set by conftest.py), are checked against the
-reference, and are then skipped: interpreter timings say nothing about a kernel's speed.
+CPU: tiny fp32 shapes, except the chunked linear cross-entropy (the CPU training path, timed at the debug
+recipe's head against the eager reference). The eager baselines are timed (for the suite's own sake, not as
+speed claims); the Triton kernels run once through the interpreter (TRITON_INTERPRET=1, set by conftest.py),
+are checked against the reference, and are then skipped: interpreter timings say nothing about a kernel's speed.
 
 Targets (H100): prefix attention fwd+bwd >= 1.2x varlen_attn (its K/V concatenation included); projector
 >= 1.5x eager and >= 85% of a cuBLAS GEMM of the same size; linear CE <= 25% of eager peak memory at <= 5%
@@ -61,14 +62,14 @@ def _smoke_check(providers: Providers) -> None:
 
 
 def _measure(benchmark, key: tuple, providers: Providers, provider: str, baselines: list[str],
-             flops: float = 0.0, bytes_moved: float = 0.0) -> None:
-    """Time `provider`; on the triton entry also time each available baseline once per key and record ratios."""
+             flops: float = 0.0, bytes_moved: float = 0.0, fast: str = "triton") -> None:
+    """Time `provider`; on the `fast` entry also time each available baseline once per key and record ratios."""
     if provider not in providers:
         pytest.skip(f"{provider} is not available on {DEVICE.type}")
     if provider == "triton" and not CUDA:
         _smoke_check(providers)
     run = synced(providers[provider])
-    if provider != "triton":  # a library baseline may lack a case here (e.g. a backward): say so, not fail
+    if provider != fast:  # a library baseline may lack a case here (e.g. a backward): say so, not fail
         _try_baseline(provider, run)
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
     seconds = median_s(benchmark)
@@ -76,13 +77,13 @@ def _measure(benchmark, key: tuple, providers: Providers, provider: str, baselin
         return
     ms = seconds * 1e3
     info = benchmark.extra_info
-    info.update(device=device_name(), provider=provider, role="fast" if provider == "triton" else "baseline", ms=ms,
+    info.update(device=device_name(), provider=provider, role="fast" if provider == fast else "baseline", ms=ms,
                 peak_mem_gib=extra_peak_gib(run))
     if flops:
         info["tflops"] = flops / ms / 1e9
     if bytes_moved:
         info["gb_s"] = bytes_moved / ms / 1e6
-    if provider != "triton":
+    if provider != fast:
         return
     for name in (b for b in baselines if b in providers):
         if (*key, name) not in _baseline_ms:
@@ -301,6 +302,25 @@ def test_linear_cross_entropy(benchmark, provider: str, case: str) -> None:
     flops = 3 * 2.0 * tokens * width * vocab  # logits, d_hidden, d_weight (the eager baseline's work)
     benchmark.group = f"linear_cross_entropy {case} fwd_bwd"
     _measure(benchmark, ("lce", case), providers, provider, ["reference"], flops=flops)
+
+
+@pytest.mark.parametrize("provider", ["chunked", "reference"])
+def test_linear_cross_entropy_chunked(benchmark, provider: str) -> None:
+    """The PyTorch row pass (the CPU training path), forward + backward, at the debug recipe's head: 1,024 text
+    tokens of width 128, one in 8 supervised (CUDA: 16,384 tokens of the 135m width), the real vocabulary."""
+    tokens, width = (16384, 576) if CUDA else (1024, 128)
+    hidden = torch.randn(tokens, width, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    weight = (torch.randn(49218, width, device=DEVICE) / width**0.5).to(DTYPE).requires_grad_()
+    labels = torch.full((tokens,), -100, device=DEVICE)
+    labels[::8] = torch.randint(0, 49218, (tokens // 8,), device=DEVICE)
+    chunked = ops.implementation("linear_cross_entropy", "chunked")
+    providers: Providers = {
+        "chunked": lambda: chunked(hidden, weight, labels),
+        "reference": lambda: linear_cross_entropy_reference(hidden, weight, labels),
+    }
+    providers = {name: _with_backward(fn, [hidden, weight]) for name, fn in providers.items()}
+    benchmark.group = "linear_cross_entropy debug-head fwd_bwd"
+    _measure(benchmark, ("lce_chunked",), providers, provider, ["reference"], fast="chunked")
 
 
 DECODE_ROWS = [1, 8, 64] if CUDA else [1, 4]

@@ -55,7 +55,7 @@ class OptimSection:
     decay_norms_and_biases: bool = True  # the original decays every parameter; False exempts 1-D tensors
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    implementation: str = "auto"  # auto (fused on CUDA, foreach on CPU) | fused | foreach
+    implementation: str = "auto"  # auto (= fused, on CUDA and CPU) | fused | foreach
 
 
 @dataclass

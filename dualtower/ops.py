@@ -4,8 +4,10 @@ Backends (DESIGN.md section 2):
     "triton"        our fused kernels (dualtower_kernels), on CUDA, or on CPU under TRITON_INTERPRET=1
     "flash"         flash-attn varlen (attention only; needs `pip install flash-attn`, CUDA)
     "torch_varlen"  torch.nn.attention.varlen.varlen_attn (attention only; CUDA)
+    "chunked"       pure PyTorch, supervised rows only, in chunks (linear cross-entropy only; any device)
     "reference"     pure PyTorch: the CPU fallback and the test oracle
-"auto" picks the fastest available on the tensors' device: triton on CUDA, reference on CPU. Override with
+"auto" picks the fastest available on the tensors' device: triton on CUDA; on CPU chunked where an op has it,
+else reference. Override with
 `set_backend(name)` (what the model / trainer config passes), `set_backend(name, op=...)` for one op, or the
 environment variable DUALTOWER_BACKEND. A forced backend applies to the ops that implement it; the others
 keep their automatic choice (so "flash" changes attention only). flash / torch_varlen get K = [prefix; text]
@@ -36,8 +38,9 @@ from dualtower_kernels._common import INTERPRET
 
 logger = logging.getLogger(__name__)
 
-AUTO, TRITON, FLASH, TORCH_VARLEN, REFERENCE = "auto", "triton", "flash", "torch_varlen", "reference"
-BACKENDS = (AUTO, TRITON, FLASH, TORCH_VARLEN, REFERENCE)
+AUTO, TRITON, FLASH, TORCH_VARLEN = "auto", "triton", "flash", "torch_varlen"
+CHUNKED, REFERENCE = "chunked", "reference"
+BACKENDS = (AUTO, TRITON, FLASH, TORCH_VARLEN, CHUNKED, REFERENCE)
 
 _override: str | None = None
 _op_overrides: dict[str, str] = {}
@@ -123,6 +126,7 @@ _IMPLEMENTATIONS: dict[str, dict[str, Callable[..., Tensor]]] = {
     "decode_attention": {TRITON: _decode.decode_attention, REFERENCE: _decode.decode_attention_reference},
     "linear_cross_entropy": {
         TRITON: _lce.linear_cross_entropy,
+        CHUNKED: _lce.linear_cross_entropy_chunked,
         REFERENCE: _lce.linear_cross_entropy_reference,
     },
     "pixel_shuffle_project": {
@@ -138,7 +142,7 @@ _IMPLEMENTATIONS: dict[str, dict[str, Callable[..., Tensor]]] = {
 
 
 def set_backend(name: str | None, op: str | None = None) -> None:
-    """Force a backend ("triton", "flash", "torch_varlen", "reference") or None / "auto" for the automatic choice.
+    """Force a backend (one of BACKENDS) or None / "auto" for the automatic choice.
 
     With `op`, only that op ("prefix_attention", "decode_attention", "linear_cross_entropy",
     "pixel_shuffle_project") is affected; an op-level choice beats the global one and DUALTOWER_BACKEND.
@@ -160,7 +164,7 @@ def set_backend(name: str | None, op: str | None = None) -> None:
 def is_available(backend: str, device: torch.device | str) -> bool:
     """Whether `backend` can run on tensors of `device` here (not whether it implements a given op)."""
     device_type = torch.device(device).type
-    if backend == REFERENCE:
+    if backend in (REFERENCE, CHUNKED):
         return True
     if backend == TRITON:
         return device_type == "cuda" or (INTERPRET and device_type == "cpu")
@@ -189,7 +193,9 @@ def selected_backend(op: str, device: torch.device | str) -> str:
         if not is_available(wanted, device):
             raise RuntimeError(f"backend {wanted!r} is not available for {op} on {torch.device(device).type} here")
         return wanted
-    return TRITON if torch.device(device).type == "cuda" else REFERENCE
+    if torch.device(device).type == "cuda":
+        return TRITON
+    return CHUNKED if CHUNKED in _IMPLEMENTATIONS[op] else REFERENCE
 
 
 def _resolve(op: str, device: torch.device) -> Callable[..., Tensor]:
@@ -247,7 +253,7 @@ def decode_attention(
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Sum over supervised tokens of CE(hidden @ weight.T, labels), fp32; hidden (N, C), weight (V, C)."""
+    """Sum over supervised tokens of CE(hidden @ weight.T, labels), in at least fp32; hidden (N, C), weight (V, C)."""
     return _resolve("linear_cross_entropy", hidden.device)(hidden, weight, labels, ignore_index)
 
 

@@ -4,13 +4,17 @@ Shape legend:
     N   tokens, C hidden width, V vocabulary
     S   supervised tokens (label != ignore_index), R rows of one chunk
 
-Algorithm (fast path): gather the supervised rows, then per chunk of R rows
-    logits = h_chunk @ W.T                     (R, V), cuBLAS, in the activation dtype
-    one Triton pass per row: logsumexp over V (online, fp32) and the loss; when gradients are wanted, a
-    second pass overwrites the logits in place with dlogits = softmax - onehot
+Algorithm (fast paths): gather the supervised rows, then per chunk of R rows
+    logits = h_chunk @ W.T                     (R, V), cuBLAS / MKL, in the activation dtype
+    a row pass: logsumexp over V (fp32) and the loss; when gradients are wanted, the logits are overwritten
+    in place with dlogits = softmax - onehot
     d_hidden[chunk] = dlogits @ W,  d_weight += dlogits.T @ h_chunk
 The gradients are computed in the forward (no second logits GEMM) and scaled by the incoming gradient in the
 backward. Peak extra memory is one (R, V) chunk plus d_weight; R is sized from LOGITS_CHUNK_BYTES.
+
+The row pass is one Triton program per row (`linear_cross_entropy`, CUDA or the interpreter) or a few PyTorch
+ops over the chunk (`linear_cross_entropy_chunked`, the CPU path). On CPUs the win is skipping unsupervised
+rows: the reference computes logits for every text token, and only the answers of a chat are supervised.
 """
 
 from __future__ import annotations
@@ -30,9 +34,19 @@ from dualtower_kernels._common import INTERPRET, check_triton_device
 LOGITS_CHUNK_BYTES = 256 * 2**20
 
 
+def _wide(x: Tensor) -> Tensor:
+    """x in at least fp32: 16-bit floats are upcast, fp32 / fp64 returned as they are."""
+    return x if x.dtype.itemsize >= 4 else x.float()
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
 def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Sum (fp32) of cross-entropy over tokens whose label is not ignore_index; materializes the logits."""
-    logits = (hidden @ weight.t()).float()
+    """Sum (fp32, or fp64 for fp64 inputs) of cross-entropy over tokens whose label is not ignore_index; materializes
+    the logits."""
+    logits = _wide(hidden @ weight.t())
     return cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
 
 
@@ -67,7 +81,7 @@ def _ce_rows_kernel(LOGITS, LABELS, LOSS, n_cols, row_stride, ignore_index,
             tl.store(base + v0 + cols, grad.to(LOGITS.dtype.element_ty), mask=in_row)
 
 
-def _ce_rows(logits: Tensor, labels: Tensor, ignore_index: int, write_grad: bool) -> Tensor:
+def _ce_rows_triton(logits: Tensor, labels: Tensor, ignore_index: int, write_grad: bool) -> Tensor:
     """Per-row fp32 losses of a (R, V) logits chunk; overwrites it with dlogits when write_grad."""
     losses = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     block_v = 64 if INTERPRET else 4096
@@ -76,6 +90,24 @@ def _ce_rows(logits: Tensor, labels: Tensor, ignore_index: int, write_grad: bool
         WRITE_GRAD=write_grad, BLOCK_V=block_v, num_warps=1 if INTERPRET else 8,
     )
     return losses
+
+
+def _ce_rows_torch(logits: Tensor, labels: Tensor, ignore_index: int, write_grad: bool) -> Tensor:
+    """`_ce_rows_triton` in PyTorch ops, same contract: whole-chunk passes, in place where the logits are fp32."""
+    x = _wide(logits)  # the chunk itself when fp32 / fp64, else an fp32 copy
+    valid = labels != ignore_index
+    targets = torch.where(valid, labels, 0)[:, None]
+    row_max = x.amax(1, keepdim=True)
+    target_logits = x.gather(1, targets)
+    x.sub_(row_max).exp_()
+    sums = x.sum(1, keepdim=True)
+    losses = (row_max + sums.log() - target_logits).squeeze(1)
+    if write_grad:
+        x.div_(sums).scatter_add_(1, targets, torch.full_like(target_logits, -1.0))
+        x.mul_(valid[:, None])
+        if x is not logits:
+            logits.copy_(x)
+    return torch.where(valid, losses, 0.0)
 
 
 def _chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, chunk_rows: int) -> int:
@@ -107,15 +139,21 @@ def _fp32_out_mm_works(dtype: torch.dtype) -> bool:
 @torch.library.custom_op("dualtower::linear_cross_entropy_fwd", mutates_args=())
 def linear_cross_entropy_fwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, need_d_hidden: bool, need_d_weight: bool,
-    chunk_rows: int,
+    chunk_rows: int, triton_rows: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """-> loss (fp32 scalar), d_hidden (N, C) or empty, d_weight (V, C) or empty: gradients of the loss."""
-    check_triton_device(hidden, weight)
+    """-> loss (fp32 scalar, fp64 for fp64 inputs), d_hidden (N, C) or empty, d_weight (V, C) or empty: gradients
+    of the loss.
+
+    triton_rows picks the row pass: the Triton kernel (CUDA, the interpreter) or PyTorch ops (any device).
+    """
+    if triton_rows:
+        check_triton_device(hidden, weight)
+    ce_rows = _ce_rows_triton if triton_rows else _ce_rows_torch
     hidden, weight = hidden.contiguous(), weight.contiguous()
     # One host sync: work only on supervised rows (often a minority of the text tokens).
     rows = (labels != ignore_index).nonzero().squeeze(1)
     need_grad = need_d_hidden or need_d_weight
-    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    loss = torch.zeros((), dtype=_loss_dtype(hidden.dtype), device=hidden.device)
     d_hidden = torch.zeros_like(hidden) if need_d_hidden else hidden.new_empty(0)
     d_weight_acc: Tensor | None = None
     step = _chunk_rows(rows.numel(), weight.shape[0], hidden.dtype, chunk_rows)
@@ -124,13 +162,13 @@ def linear_cross_entropy_fwd(
         chunk = rows[start : start + step]
         h = hidden.index_select(0, chunk)
         logits = h @ weight.t()
-        loss += _ce_rows(logits, labels.index_select(0, chunk), ignore_index, need_grad).sum()
+        loss += ce_rows(logits, labels.index_select(0, chunk), ignore_index, need_grad).sum()
         if need_d_hidden:
             d_hidden.index_copy_(0, chunk, logits @ weight)
         if need_d_weight:
             # (V, C). Several chunks add up in fp32 so d_weight rounds once, like the single eager GEMM.
             part = torch.ops.aten.mm.dtype(logits.t(), h, torch.float32) if fp32_parts else logits.t() @ h
-            d_weight_acc = part if d_weight_acc is None else d_weight_acc.float().add_(part)
+            d_weight_acc = part if d_weight_acc is None else _wide(d_weight_acc).add_(part)
     if not need_d_weight:
         d_weight = weight.new_empty(0)
     elif d_weight_acc is None:
@@ -141,8 +179,8 @@ def linear_cross_entropy_fwd(
 
 
 @linear_cross_entropy_fwd.register_fake
-def _(hidden, weight, labels, ignore_index, need_d_hidden, need_d_weight, chunk_rows):
-    loss = hidden.new_empty((), dtype=torch.float32)
+def _(hidden, weight, labels, ignore_index, need_d_hidden, need_d_weight, chunk_rows, triton_rows):
+    loss = hidden.new_empty((), dtype=_loss_dtype(hidden.dtype))
     d_hidden = torch.empty_like(hidden) if need_d_hidden else hidden.new_empty(0)
     d_weight = torch.empty_like(weight) if need_d_weight else weight.new_empty(0)
     return loss, d_hidden, d_weight
@@ -158,10 +196,10 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_loss: Tensor, *_):
     d_hidden, d_weight = ctx.saved_tensors
     need_d_hidden, need_d_weight = ctx.need
-    # Scale in fp32: a bf16 copy of 1 / n_tokens would bias every gradient by up to 0.4%.
-    grad_hidden = (d_hidden.float() * grad_loss).to(d_hidden.dtype) if need_d_hidden else None
-    grad_weight = (d_weight.float() * grad_loss).to(d_weight.dtype) if need_d_weight else None
-    return grad_hidden, grad_weight, None, None, None, None, None
+    # Scale in (at least) fp32: a bf16 copy of 1 / n_tokens would bias every gradient by up to 0.4%.
+    grad_hidden = (_wide(d_hidden) * grad_loss).to(d_hidden.dtype) if need_d_hidden else None
+    grad_weight = (_wide(d_weight) * grad_loss).to(d_weight.dtype) if need_d_weight else None
+    return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -171,9 +209,22 @@ def linear_cross_entropy(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100, *, chunk_rows: int = 0
 ) -> Tensor:
     """Same result as `linear_cross_entropy_reference` without the (N, V) logits; chunk_rows=0 sizes chunks."""
+    return _chunked(hidden, weight, labels, ignore_index, chunk_rows, triton_rows=True)
+
+
+def linear_cross_entropy_chunked(
+    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100, *, chunk_rows: int = 0
+) -> Tensor:
+    """`linear_cross_entropy` with the PyTorch row pass: runs on any device (the CPU fast path)."""
+    return _chunked(hidden, weight, labels, ignore_index, chunk_rows, triton_rows=False)
+
+
+def _chunked(
+    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, chunk_rows: int, triton_rows: bool
+) -> Tensor:
     grad_on = torch.is_grad_enabled()
     loss, _, _ = linear_cross_entropy_fwd(
         hidden, weight, labels, ignore_index, grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-        chunk_rows,
+        chunk_rows, triton_rows,
     )
     return loss

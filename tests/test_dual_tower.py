@@ -97,7 +97,7 @@ def test_loss_sum_is_the_sum_of_supervised_token_losses() -> None:
     batch.pixel_values = batch.pixel_values.double()
     logits = model.logits(model(batch))
     expected = torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum")
-    torch.testing.assert_close(model.loss_sum(batch), expected.float(), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(model.loss_sum(batch), expected, atol=1e-10, rtol=1e-10)
 
 
 def test_vanilla_equals_one_causal_lm_over_the_whole_sequence() -> None:

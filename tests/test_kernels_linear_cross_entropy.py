@@ -1,4 +1,5 @@
-"""Linear cross-entropy kernel vs its pure-PyTorch twin: loss, d_hidden, d_weight; never the full logits."""
+"""Linear cross-entropy, the Triton row pass and the PyTorch one (the CPU path), vs the pure-PyTorch twin: loss,
+d_hidden, d_weight; never the full logits."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import pytest
 import torch
 
 from dualtower_kernels.linear_cross_entropy import (
+    _ce_rows_torch,
+    _ce_rows_triton,
     linear_cross_entropy,
+    linear_cross_entropy_chunked,
     linear_cross_entropy_fwd,
     linear_cross_entropy_reference,
 )
@@ -14,6 +18,9 @@ from dualtower_kernels.testing import assert_close, assert_error_within
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 IGNORE = -100
+FAST_PATHS = pytest.mark.parametrize(
+    "impl", [linear_cross_entropy, linear_cross_entropy_chunked], ids=["triton_rows", "torch_rows"]
+)
 
 
 def _problem(tokens: int, width: int, vocab: int, device="cpu", dtype=torch.float32, supervised_every: int = 3):
@@ -31,37 +38,53 @@ def _loss_and_grads(impl, hidden, weight, labels, **kwargs):
     return loss, *torch.autograd.grad(loss * 0.37, wanted)
 
 
+@FAST_PATHS
 @pytest.mark.parametrize("chunk_rows", [0, 7, 1], ids=["one_chunk", "chunks_of_7", "chunks_of_1"])
-def test_matches_reference(chunk_rows: int) -> None:
+def test_matches_reference(impl, chunk_rows: int) -> None:
     hidden, weight, labels = _problem(37, 24, 150)
-    ours = _loss_and_grads(linear_cross_entropy, hidden, weight, labels, chunk_rows=chunk_rows)
+    ours = _loss_and_grads(impl, hidden, weight, labels, chunk_rows=chunk_rows)
     expected = _loss_and_grads(linear_cross_entropy_reference, hidden, weight, labels)
     for name, a, e in zip(("loss", "d_hidden", "d_weight"), ours, expected, strict=True):
         assert_close(a, e, atol=1e-5, rtol=1e-5, name=name)
 
 
-def test_frozen_weight_and_no_grad() -> None:
+@FAST_PATHS
+def test_frozen_weight_and_no_grad(impl) -> None:
     """A frozen head (the right tower's default) skips d_weight; no_grad skips both gradients."""
     hidden, weight, labels = _problem(11, 16, 70)
     weight.requires_grad_(False)
-    ours = _loss_and_grads(linear_cross_entropy, hidden, weight, labels)
+    ours = _loss_and_grads(impl, hidden, weight, labels)
     expected = _loss_and_grads(linear_cross_entropy_reference, hidden, weight, labels)
     for name, a, e in zip(("loss", "d_hidden"), ours, expected, strict=True):
         assert_close(a, e, atol=1e-5, rtol=1e-5, name=name)
     with torch.no_grad():
-        assert_close(linear_cross_entropy(hidden, weight, labels), expected[0], atol=1e-5, rtol=1e-5, name="loss")
+        assert_close(impl(hidden, weight, labels), expected[0], atol=1e-5, rtol=1e-5, name="loss")
 
 
-def test_nothing_supervised() -> None:
+@FAST_PATHS
+def test_nothing_supervised(impl) -> None:
     hidden, weight, labels = _problem(5, 16, 40)
     labels.fill_(IGNORE)
-    loss, d_hidden, d_weight = _loss_and_grads(linear_cross_entropy, hidden, weight, labels)
+    loss, d_hidden, d_weight = _loss_and_grads(impl, hidden, weight, labels)
     assert loss.item() == 0.0 and not d_hidden.any() and not d_weight.any()
 
 
-def test_opcheck() -> None:
+def test_torch_rows_bf16_logits_within_twice_pytorch() -> None:
+    """16-bit logits: the PyTorch row pass works on an fp32 copy and writes dlogits back into the chunk."""
+    hidden, weight, labels = _problem(41, 32, 300)
+    leaves = lambda dtype: [t.detach().to(dtype).requires_grad_() for t in (hidden, weight)]
+    expected = _loss_and_grads(linear_cross_entropy_reference, *leaves(torch.float64), labels)
+    theirs = _loss_and_grads(linear_cross_entropy_reference, *leaves(torch.bfloat16), labels)
+    ours = _loss_and_grads(linear_cross_entropy_chunked, *leaves(torch.bfloat16), labels, chunk_rows=9)
+    assert_error_within(ours[0], theirs[0], expected[0], atol=1e-4 * expected[0].abs().item(), name="loss")
+    for name, a, t, e in zip(("d_hidden", "d_weight"), ours[1:], theirs[1:], expected[1:], strict=True):
+        assert_error_within(a, t, e, name=name)
+
+
+@pytest.mark.parametrize("triton_rows", [True, False], ids=["triton_rows", "torch_rows"])
+def test_opcheck(triton_rows: bool) -> None:
     hidden, weight, labels = _problem(9, 16, 40)
-    torch.library.opcheck(linear_cross_entropy_fwd, (hidden, weight, labels, IGNORE, True, True, 4))
+    torch.library.opcheck(linear_cross_entropy_fwd, (hidden, weight, labels, IGNORE, True, True, 4, triton_rows))
 
 
 @pytest.mark.gpu
@@ -92,3 +115,17 @@ def test_gpu_peak_memory_quarter_of_eager() -> None:
 
     eager, ours = peak(linear_cross_entropy_reference), peak(linear_cross_entropy)
     assert ours <= 0.25 * eager, f"peak {ours / 2**20:.0f} MiB vs eager {eager / 2**20:.0f} MiB"
+
+
+def test_row_passes_agree_on_ignored_rows() -> None:
+    """The two row passes on one chunk: same losses, same dlogits written in place, ignored rows zero."""
+    logits = torch.randn(6, 50) * 4
+    labels = torch.tensor([3, IGNORE, 49, 0, IGNORE, 17])
+    log_probs, supervised = logits.log_softmax(1), (labels != IGNORE)[:, None]
+    expected_grad = (log_probs.exp() - torch.nn.functional.one_hot(labels.clamp(min=0), 50)) * supervised
+    for row_pass in (_ce_rows_triton, _ce_rows_torch):
+        chunk = logits.clone()
+        losses = row_pass(chunk, labels, IGNORE, True)
+        expected = torch.where(labels != IGNORE, -log_probs.gather(1, labels.clamp(min=0)[:, None]).squeeze(1), 0.0)
+        assert_close(losses, expected, atol=1e-5, rtol=1e-5, name=f"{row_pass.__name__} losses")
+        assert_close(chunk, expected_grad, atol=1e-5, rtol=1e-5, name=f"{row_pass.__name__} dlogits")

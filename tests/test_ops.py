@@ -37,9 +37,12 @@ def _automatic_backends(monkeypatch: pytest.MonkeyPatch):
         ops.set_backend(None, op=op)
 
 
-def test_auto_is_reference_on_cpu() -> None:
+def test_auto_on_cpu_is_chunked_where_implemented_else_reference() -> None:
     for op in OPS:
-        assert ops.selected_backend(op, "cpu") == ops.REFERENCE
+        expected = ops.CHUNKED if op == "linear_cross_entropy" else ops.REFERENCE
+        assert ops.selected_backend(op, "cpu") == expected
+    ops.set_backend("chunked")  # attention has no chunked twin: it keeps its automatic choice
+    assert ops.selected_backend("prefix_attention", "cpu") == ops.REFERENCE
 
 
 def test_rejects_unknown_names(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -64,7 +67,7 @@ def test_precedence_op_then_global_then_environment(monkeypatch: pytest.MonkeyPa
 
 def test_library_backends_touch_attention_only() -> None:
     ops.set_backend("flash")
-    assert ops.selected_backend("linear_cross_entropy", "cpu") == ops.REFERENCE  # flash has no CE: automatic
+    assert ops.selected_backend("linear_cross_entropy", "cpu") == ops.CHUNKED  # flash has no CE: automatic
     with pytest.raises(RuntimeError, match="not available"):
         ops.selected_backend("prefix_attention", "cpu")  # flash implements it but cannot run on a CPU
     assert not ops.is_available("torch_varlen", "cpu")

@@ -129,7 +129,8 @@ class DualTowerVLM(nn.Module):
         return self.text_decoder.head(hidden)
 
     def loss_sum(self, batch: PackedBatch) -> Tensor:
-        """Sum (fp32) of the cross-entropy of every supervised text token; divide by the global token count."""
+        """Sum (fp32, fp64 for fp64 models) of the cross-entropy of every supervised text token; divide by the global
+        token count."""
         hidden = self(batch)
         return ops.linear_cross_entropy(hidden, self.text_decoder.head.weight, batch.labels, IGNORE_INDEX)
 

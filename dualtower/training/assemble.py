@@ -31,7 +31,7 @@ def build_trainer(
     """A Trainer over `model` from a JobConfig; `evaluator` defaults to one without validation data."""
     apply_freezing(model, cfg.optim)
     plan = parallelize(model, cfg.parallel, env)
-    optimizer = build_optimizer(model, cfg.optim, env.device)
+    optimizer = build_optimizer(model, cfg.optim)
     parts = TrainerParts(
         model=model,
         model_cfg=model.cfg,

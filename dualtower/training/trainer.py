@@ -6,9 +6,9 @@ Every micro-batch contributes loss_sum / N, where loss_sum is the (fp32) sum of 
 of supervised tokens of the whole step on all ranks (host counts, all-reduced once per step). Gradients are
 summed across ranks (see dualtower.parallel.fsdp), so the update equals that of one batch holding all the data.
 
-Host syncs: none per step on the fused-AdamW path (CUDA): a non-finite gradient norm makes the fused kernel skip
-the update on the device (`found_inf`) and the skip counters live on the device until the next logging step.
-The foreach path (CPU) checks the norm on the host, which costs nothing there.
+Host syncs: none per step on the fused-AdamW path (the default): a non-finite gradient norm makes the fused kernel
+skip the update on the device (`found_inf`) and the skip counters live on the device until the next logging step.
+The foreach path checks the norm on the host every step.
 """
 
 from __future__ import annotations
