@@ -142,7 +142,9 @@ def original_loss(model: DualTowerVLM, batch: OriginalBatch) -> Tensor:
     for block, kv in zip(lm.blocks, left_kv, strict=True):
         x, _ = _block(block, x, cos, sin, _right_mask(length, n_img, mask, x.dtype), lm.cfg.rms_eps, left_kv=kv)
     logits = F.linear(_rms(x, lm.norm.weight, lm.cfg.rms_eps), lm.head.weight)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch.targets.reshape(-1), ignore_index=-100)
+    # The original upcasts its bf16 logits to fp32; fp64 parity tests keep fp64 (a .float() would round them).
+    logits = logits if logits.dtype.itemsize >= 4 else logits.float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.targets.reshape(-1), ignore_index=-100)
 
 
 def original_train_step(
