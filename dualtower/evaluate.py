@@ -21,7 +21,7 @@ DEFAULT_MODEL = "patrickamadeus/dualtower-cauldron"
 DEFAULT_TASKS = "mmstar"
 DEFAULT_SEED = "0,1234,1234,1234"  # lmms-eval's: python random, numpy, torch, few-shot sampling
 RULES = ("lmms-eval", "first-letter")  # dualtower.eval.mmstar.RULES (not imported: keep --help fast)
-MODEL_ARGS = ("dtype", "max_new_tokens", "tokenizer", "seed")
+MODEL_ARGS = ("dtype", "max_new_tokens", "tokenizer", "seed", "architecture")
 LISTINGS = {  # lmms-eval's --tasks list variants -> TaskManager.list_all_tasks keyword arguments
     "list": {},
     "list_groups": {"list_subtasks": False, "list_tags": False},
@@ -109,6 +109,7 @@ def build_runner(args: argparse.Namespace, seed: int | None) -> Any:
         device=args.device,
         dtype=model_args.get("dtype"),
         tokenizer_id=model_args.get("tokenizer"),
+        architecture=model_args.get("architecture"),
         batch_size=args.batch_size,
         seed=model_args.get("seed", seed),
     )

@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m dualtower.generate", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory, weights file or Hub repo id")
     parser.add_argument("--config", help="config.json to use when --checkpoint is a weights file")
+    parser.add_argument(
+        "--architecture", choices=("dual_tower", "vanilla"),
+        help="nanoVLM checkpoints only: vanilla keeps the checkpoint whole (default: dual_tower, a copy of its LM "
+        "as the right tower, the same answers at twice the LM memory)",
+    )
     parser.add_argument("--image", action="append", default=[], help="image path (repeatable)")
     parser.add_argument("--prompt", action="append", default=[], help=f"question (repeatable; '{DEFAULT_PROMPT}')")
     parser.add_argument("--requests", type=Path, help="JSONL file of {image|images, prompt} requests")
@@ -181,7 +186,9 @@ def load_model(args: argparse.Namespace, device: Any) -> tuple[Any, Any]:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = DualTowerVLM.from_pretrained(args.checkpoint, config_path=args.config, device=device, dtype=dtype)
+    model = DualTowerVLM.from_pretrained(
+        args.checkpoint, config_path=args.config, device=device, dtype=dtype, architecture=args.architecture
+    )
     model.requires_grad_(False)
     source = Path(args.checkpoint).expanduser()
     checkpoint_dir = source if source.is_dir() else source.parent if source.is_file() else None

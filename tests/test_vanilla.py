@@ -210,6 +210,39 @@ def test_nanovlm_checkpoint_as_dual_tower_computes_the_vanilla_model(tmp_path: P
         torch.testing.assert_close(dual(batch), vanilla(batch), atol=1e-6, rtol=0)
 
 
+def test_clis_keep_a_nanovlm_checkpoint_whole_on_request(tmp_path: Path) -> None:
+    """`generate --architecture vanilla`, `evaluate --model_args architecture=vanilla` and the lmms-eval plugin's
+    `architecture=vanilla` load a nanoVLM checkpoint as the single tower; without it, as a dual tower."""
+    import shutil
+
+    from dualtower.eval.lmms_plugin import _build_runner
+    from dualtower.evaluate import build_parser, build_runner
+    from dualtower.generate import build_parser as generate_parser
+    from dualtower.generate import load_model
+
+    source = tiny_model("vanilla")
+    write_original(nanovlm_modules(source), source.cfg, tmp_path / "ckpt")
+    for file in fast_tokenizer_dir(tmp_path).iterdir():
+        shutil.copy(file, tmp_path / "ckpt")
+    checkpoint, cpu = str(tmp_path / "ckpt"), torch.device("cpu")
+    loaded = {
+        "generate": load_model(generate_parser().parse_args(["--checkpoint", checkpoint]), cpu)[0],
+        "generate vanilla": load_model(
+            generate_parser().parse_args(["--checkpoint", checkpoint, "--architecture", "vanilla"]), cpu
+        )[0],
+        "evaluate vanilla": build_runner(
+            build_parser().parse_args(["--model", checkpoint, "--device=cpu", "--model_args=architecture=vanilla"]),
+            seed=0,
+        ).model,
+        "plugin vanilla": _build_runner(checkpoint, "cpu", None, None, 1, 0, "vanilla").model,
+    }
+    assert {name: model.cfg.architecture for name, model in loaded.items()} == {
+        "generate": "dual_tower", "generate vanilla": "vanilla", "evaluate vanilla": "vanilla",
+        "plugin vanilla": "vanilla",
+    }
+    assert_same_state(loaded["plugin vanilla"], source)
+
+
 # -- recipes ------------------------------------------------------------------------------------------------
 
 

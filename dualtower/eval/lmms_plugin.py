@@ -60,6 +60,7 @@ class DualTowerLMMS(lmms):
         tokenizer: Any = None,
         seed: int | None = None,
         model: Any = None,
+        architecture: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -68,7 +69,9 @@ class DualTowerLMMS(lmms):
         self._rank, self._world_size = _distributed_rank()
         source = pretrained if pretrained is not None else model if model is not None else DEFAULT_MODEL
         self.max_new_tokens = int(max_new_tokens)
-        self.runner = _build_runner(source, _device(device), dtype, tokenizer, _batch_size(batch_size), seed)
+        self.runner = _build_runner(
+            source, _device(device), dtype, tokenizer, _batch_size(batch_size), seed, architecture
+        )
         self.model = self.runner.model
         self.tokenizer = self.runner.tokenizer
         self.device = self.runner.device
@@ -158,7 +161,8 @@ class _ProgressBar:
 
 
 def _build_runner(
-    source: Any, device: str, dtype: str | None, tokenizer: Any, batch_size: int, seed: int | None
+    source: Any, device: str, dtype: str | None, tokenizer: Any, batch_size: int, seed: int | None,
+    architecture: str | None = None,
 ) -> EvalModel:
     if isinstance(source, EvalModel):
         return source
@@ -171,7 +175,8 @@ def _build_runner(
     if tokenizer is not None and not isinstance(tokenizer, str):
         raise TypeError("pass `tokenizer` as a tokenizer id or directory when `pretrained` is a path")
     return EvalModel.from_pretrained(
-        str(source), device=device, dtype=dtype, tokenizer_id=tokenizer, batch_size=batch_size, seed=seed
+        str(source), device=device, dtype=dtype, tokenizer_id=tokenizer, architecture=architecture,
+        batch_size=batch_size, seed=seed,
     )
 
 

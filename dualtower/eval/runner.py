@@ -157,14 +157,20 @@ class EvalModel:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         tokenizer_id: str | None = None,
+        architecture: str | None = None,
         **kwargs: Any,
     ) -> EvalModel:
-        """Load a checkpoint (directory or Hub id) and its tokenizer (checkpoint directory first)."""
+        """Load a checkpoint (directory or Hub id) and its tokenizer (checkpoint directory first).
+
+        architecture: for nanoVLM checkpoints, as in `DualTowerVLM.from_pretrained` ("vanilla" keeps them whole).
+        """
         from dualtower.model import DualTowerVLM
         from dualtower.tokenizer import load_tokenizer
 
         device = torch.device(default_device() if device is None else device)
-        model = DualTowerVLM.from_pretrained(source, device=device, dtype=resolve_dtype(dtype, device))
+        model = DualTowerVLM.from_pretrained(
+            source, device=device, dtype=resolve_dtype(dtype, device), architecture=architecture
+        )
         checkpoint_dir = source if Path(source).is_dir() else None
         tokenizer = load_tokenizer(checkpoint_dir=checkpoint_dir, tokenizer_id=tokenizer_id or model.cfg.tokenizer_id)
         return cls(model, tokenizer, **kwargs)
