@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quick start on a CPU machine: create a virtual environment, install dualtower (CPU torch), train the `debug`
-# recipe on the built-in synthetic data (about 20 minutes on 2 cores) and ask the trained model about a
+# recipe on the built-in synthetic data (about 7 minutes on 2 cores) and ask the trained model about a
 # held-out synthetic image. Needs the package index (PyPI) only: no model or data set is downloaded.
 #
 #   bash scripts/quickstart.sh                 # everything
