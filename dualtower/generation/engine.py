@@ -18,6 +18,7 @@ Per call:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -62,6 +63,9 @@ class Generator:
     "torch" without CUDA or nvcc). compile: torch.compile the decoder block of the decode step (one compiled
     graph serves every layer; default on CUDA). cuda_graph: capture the whole decode step in one CUDA graph
     per cache shape (default on CUDA). Both are off on CPU, where the step runs eagerly.
+
+    phase_hook (attribute, default None): called with "left_tower" or "decode_step" around each of those phases,
+    it returns the context manager to run the phase in. The generation profiler labels and ends traces with it.
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class Generator:
         self._cache: StaticKVCache | None = None
         self._graphed: GraphedDecodeStep | None = None
         self.stats = GenerationStats()
+        self.phase_hook: Callable[[str], contextlib.AbstractContextManager] | None = None
 
     # -- public API ---------------------------------------------------------------------------------------
 
@@ -160,7 +165,8 @@ class Generator:
         return_logits: bool,
     ) -> list[Tensor] | None:
         prefill_start = time.perf_counter()
-        prefix_kv = self._prefix_kv(prompts, stats)
+        with self._phase("left_tower"):
+            prefix_kv = self._prefix_kv(prompts, stats)
         decoder = self.model.text_decoder
         longest = max(p.input_ids.numel() for p in prompts)
         capacity = self._bucket_capacity(longest + sampling.max_new_tokens)
@@ -176,6 +182,9 @@ class Generator:
         loop.run()
         stats.decode_s = time.perf_counter() - decode_start
         return loop.logits_log
+
+    def _phase(self, name: str) -> contextlib.AbstractContextManager:
+        return self.phase_hook(name) if self.phase_hook is not None else contextlib.nullcontext()
 
     def _prefix_kv(self, prompts: Sequence[PreparedPrompt], stats: GenerationStats) -> list[Tensor]:
         """(L, 2, P, Hkv, D) per prompt: from the prefix cache, or one left-tower pass for all misses."""
@@ -302,7 +311,8 @@ class _DecodeLoop:
     def _step(self, column: int) -> None:
         engine = self.engine
         # A contiguous (B,) input: a column view of `tokens` would make the compiled step depend on its stride.
-        logits = engine._decode(self.current, self.positions)
+        with engine._phase("decode_step"):
+            logits = engine._decode(self.current, self.positions)
         if self.logits_log is not None:
             self.logits_log.append(logits[: self.requests].clone())
         self.positions += 1

@@ -3,7 +3,7 @@
 The trace covers the left tower (vision + left LM, for prefixes missing from the prefix cache), the right-tower
 prefill and the first `decode_steps` decode steps; then the profiler stops and the call finishes untraced. The
 phases carry labels (`generate/left_tower`, `generate/decode_step_N`; the prefill is what lies between them),
-put on the Generator instance's own phase methods for the duration of the trace. When the generator compiles
+given through the Generator's `phase_hook` for the duration of the trace. When the generator compiles
 or captures CUDA graphs, an untraced warm-up of the same batch runs first (and the prefix cache is emptied
 after it), so the trace shows steady-state steps rather than compilation. A CUDA-graph decode step appears as
 one graph launch plus its kernels; `--no_cuda_graph` attributes the kernels to PyTorch operators instead.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,7 +26,6 @@ from torch.profiler import ProfilerActivity, profile, record_function
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_PHASES = ("_prefix_kv", "_decode")  # the Generator methods labelled in a trace
 
 
 class GenerationProfiler:
@@ -60,10 +59,12 @@ class GenerationProfiler:
                 prof.stop()
                 stopped = True
 
+        previous_hook = generator.phase_hook
+        generator.phase_hook = _phase_labels(self.decode_steps, stop)
         try:
-            with _labelled_phases(generator, self.decode_steps, stop):
-                result = call()
+            result = call()
         finally:
+            generator.phase_hook = previous_hook
             stop()
         self._write(prof, device)
         return result
@@ -76,32 +77,18 @@ class GenerationProfiler:
         logger.info("generation profile written: %s", self.path)
 
 
-@contextlib.contextmanager
-def _labelled_phases(generator: Any, decode_steps: int, stop: Callable[[], None]) -> Iterator[None]:
-    """Label the engine's left-tower and decode-step methods on this instance; stop after `decode_steps` steps."""
-    own = {name: vars(generator)[name] for name in _PHASES if name in vars(generator)}
-    left_tower, decode = generator._prefix_kv, generator._decode
+def _phase_labels(decode_steps: int, stop: Callable[[], None]) -> Callable[[str], contextlib.AbstractContextManager]:
+    """A Generator phase hook: label the left tower and the first `decode_steps` decode steps, then stop."""
     steps = 0
 
-    def labelled_left_tower(*args, **kwargs):
-        with record_function("generate/left_tower"):
-            return left_tower(*args, **kwargs)
-
-    def labelled_decode(*args, **kwargs):
+    def hook(phase: str) -> contextlib.AbstractContextManager:
         nonlocal steps
+        if phase != "decode_step":
+            return record_function(f"generate/{phase}")
         steps += 1
         if steps > decode_steps:
             stop()
-            return decode(*args, **kwargs)
-        with record_function(f"generate/decode_step_{steps}"):
-            return decode(*args, **kwargs)
+            return contextlib.nullcontext()
+        return record_function(f"generate/decode_step_{steps}")
 
-    generator._prefix_kv, generator._decode = labelled_left_tower, labelled_decode
-    try:
-        yield
-    finally:
-        for name in _PHASES:  # back to what the instance had: its own attribute, or the class's method
-            if name in own:
-                setattr(generator, name, own[name])
-            else:
-                delattr(generator, name)
+    return hook
