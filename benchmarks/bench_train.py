@@ -20,7 +20,7 @@ MFU compares useful work), peak_mem_gib (process peak: weights, optimizer state,
 dualtower entry also ratio (original step / dualtower step) and the original's figures as baseline_*; on CUDA
 the matching reference_throughput.md row as anchor_* (measured on an H100 with torch 2.11).
 DUALTOWER_BENCH_PROFILE_DIR=DIR: after timing, one more step of each provider (debug and 360m cases) runs under
-the torch profiler into DIR/train_<case>_<provider>.json (`python -m dualtower.training.profiling` breaks it down).
+the torch profiler into DIR/train_<case>_<provider>.json (`python -m dualtower.trace_breakdown` breaks it down).
 """
 
 from __future__ import annotations

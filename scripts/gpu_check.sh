@@ -150,7 +150,7 @@ traces=("$out_dir"/profile/*.json "$out_dir"/profile_360m/profile/*.json)
     for trace in "${traces[@]}"; do
         echo
         echo "step breakdown: $trace"
-        python -W ignore::RuntimeWarning -m dualtower.training.profiling "$trace" && gzip -f "$trace"  # traces are large; gzip keeps them
+        python -m dualtower.trace_breakdown "$trace" && gzip -f "$trace"  # traces are large; gzip keeps them
     done
     echo
     echo "failed or timed-out stages: ${failed[*]:-none}; total $SECONDS s"

@@ -13,8 +13,9 @@ from dualtower.generate import main as generate_main
 from dualtower.generation import Generator, PreparedPrompt, SamplingConfig
 from dualtower.generation.profiling import GenerationProfiler
 from dualtower.model import DualTowerVLM
-from dualtower.training.profiling import StepProfiler, breakdown, format_breakdown, load_trace
-from dualtower.training.profiling import main as breakdown_main
+from dualtower.trace_breakdown import breakdown, format_breakdown, load_trace
+from dualtower.trace_breakdown import main as breakdown_main
+from dualtower.training.profiling import StepProfiler
 
 
 def _names(trace: Path) -> set[str]:

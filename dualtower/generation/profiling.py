@@ -9,7 +9,7 @@ after it), so the trace shows steady-state steps rather than compilation. A CUDA
 one graph launch plus its kernels; `--no_cuda_graph` attributes the kernels to PyTorch operators instead.
 
 Writes DIR/<name>.json (chrome trace: https://ui.perfetto.dev) and DIR/<name>.txt (the profiler's op table).
-`python -m dualtower.training.profiling DIR/<name>.json` prints its breakdown by category.
+`python -m dualtower.trace_breakdown DIR/<name>.json` prints its breakdown by category.
 """
 
 from __future__ import annotations

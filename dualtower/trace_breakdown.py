@@ -1,0 +1,177 @@
+"""Where a traced step's time went: `python -m dualtower.trace_breakdown TRACE.json[.gz] [--top 12]`.
+
+Prints markdown tables:
+- on a GPU trace: device time of the kernels (and copies), by phase and by category, the step span and how busy
+  the GPU was inside it (idle gaps mean launch-bound or host-synchronizing code);
+- on a CPU-only trace: the exclusive time of the operators, by the same phases and categories.
+Phases come from the profiler's own annotations: backward = under `autograd::engine::evaluate_function`,
+optimizer = under `Optimizer.step` / `Optimizer.zero_grad`, forward = everything else (the forward pass, the
+loss, gradient clipping, batch copies). Categories come from kernel / operator names (CATEGORIES below). It reads
+any chrome trace of torch's profiler: training steps (`train/main.py --profile`) and generation
+(`python -m dualtower.generate --profile DIR`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# First match wins: communication kernels contain "reduce", optimizer kernels contain "adam" before "mul".
+CATEGORIES = (
+    ("communication", r"nccl|all_?reduce|reduce_?scatter|all_?gather"),
+    ("attention", r"prefix_attn|decode_split|decode_combine|flash|fmha|attention|attn|sdpa"),
+    ("cross-entropy", r"_ce_rows|cross_entropy|log_softmax|nll_loss|logsumexp"),
+    ("projector", r"_project_|pixel_shuffle"),
+    ("optimizer", r"adam|multi_tensor|foreach|optimizer"),
+    ("matmul", r"gemm|nvjet|xmma|cutlass|cublas|matmul|aten::mm\b|aten::bmm|aten::addmm|aten::linear|conv"),
+    ("memory", r"memcpy|memset|copy|aten::cat\b|index|gather|scatter|fill|zero|aten::empty|contiguous"),
+    ("fused elementwise / norms", r"triton_|rms|norm|silu|gelu|rotary|rope|elementwise|vectorized|reduce|mul|add"),
+)
+PHASES = ("forward", "backward", "optimizer")
+_DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+_HOST_CATS = ("cpu_op", "user_annotation")
+
+
+def category(name: str) -> str:
+    for label, pattern in CATEGORIES:
+        if re.search(pattern, name, re.IGNORECASE):
+            return label
+    return "other"
+
+
+@dataclass
+class Breakdown:
+    """Milliseconds per phase, per category and per kernel / operator name (device time on GPU traces)."""
+
+    device: bool  # GPU kernels (True) or CPU operators' exclusive time (False)
+    total_ms: float = 0.0
+    span_ms: float = 0.0  # first start to last end of the counted events
+    busy_ms: float = 0.0  # union of the counted intervals (GPU traces)
+    phases: dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
+    categories: dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
+    names: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(lambda: [0, 0.0]))
+
+    def add(self, name: str, phase: str, ms: float) -> None:
+        self.total_ms += ms
+        self.phases[phase] += ms
+        self.categories[category(name)] += ms
+        self.names[name][0] += 1
+        self.names[name][1] += ms
+
+
+def load_trace(path: Path) -> list[dict[str, Any]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as handle:
+        data = json.load(handle)
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def _host_phases(events: list[dict[str, Any]]) -> tuple[dict[int, str], list[tuple[dict, str, float]]]:
+    """Per thread, walk nested host events: (External id -> phase, [(op event, phase, exclusive ms)])."""
+    by_thread: dict[Any, list[dict]] = collections.defaultdict(list)
+    for event in events:
+        if event.get("cat") in _HOST_CATS and event.get("ph") == "X":
+            by_thread[(event.get("pid"), event.get("tid"))].append(event)
+    phase_of_id: dict[int, str] = {}
+    exclusive: list[tuple[dict, str, float]] = []
+    for thread_events in by_thread.values():
+        thread_events.sort(key=lambda e: (e["ts"], -e.get("dur", 0)))
+        stack: list[list] = []  # [event, phase, exclusive us]
+        for event in thread_events:
+            while stack and event["ts"] >= stack[-1][0]["ts"] + stack[-1][0].get("dur", 0):
+                done = stack.pop()
+                exclusive.append((done[0], done[1], done[2] / 1e3))
+            phase = stack[-1][1] if stack else "forward"
+            if event["name"].startswith("autograd::engine::evaluate_function"):
+                phase = "backward"
+            elif event["name"].startswith("Optimizer."):
+                phase = "optimizer"
+            if stack:
+                stack[-1][2] -= event.get("dur", 0)
+            stack.append([event, phase, event.get("dur", 0)])
+            external = event.get("args", {}).get("External id")
+            if external is not None:
+                phase_of_id[external] = phase
+        exclusive += [(item[0], item[1], item[2] / 1e3) for item in stack]
+    return phase_of_id, exclusive
+
+
+def _busy_ms(intervals: list[tuple[float, float]]) -> float:
+    busy, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return busy / 1e3
+
+
+def breakdown(events: list[dict[str, Any]]) -> Breakdown:
+    phase_of_id, exclusive = _host_phases(events)
+    kernels = [e for e in events if e.get("cat") in _DEVICE_CATS and e.get("ph") == "X"]
+    if kernels:
+        result = Breakdown(device=True)
+        for kernel in kernels:
+            external = kernel.get("args", {}).get("External id")
+            result.add(kernel["name"], phase_of_id.get(external, "forward"), kernel.get("dur", 0) / 1e3)
+        intervals = [(k["ts"], k["ts"] + k.get("dur", 0)) for k in kernels]
+    else:
+        result = Breakdown(device=False)
+        ops = [(e, phase, ms) for e, phase, ms in exclusive if e.get("cat") == "cpu_op"]
+        for event, phase, ms in ops:
+            result.add(event["name"], phase, ms)
+        intervals = [(e["ts"], e["ts"] + e.get("dur", 0)) for e, _, _ in ops]
+    if intervals:
+        result.span_ms = (max(stop for _, stop in intervals) - min(start for start, _ in intervals)) / 1e3
+        result.busy_ms = _busy_ms(intervals)
+    return result
+
+
+def _table(title: str, rows: list[tuple[str, float]], total: float) -> list[str]:
+    lines = [f"| {title} | ms | share |", "|---|---|---|"]
+    lines += [f"| {name} | {ms:.2f} | {100 * ms / total:.1f}% |" for name, ms in rows if ms > 0]
+    return lines
+
+
+def format_breakdown(result: Breakdown, top: int = 12) -> str:
+    kind = "GPU kernel time" if result.device else "CPU operator time (exclusive)"
+    if result.total_ms <= 0:
+        return "no timed events in this trace"
+    lines = [f"{kind}: {result.total_ms:.2f} ms over a {result.span_ms:.2f} ms span"]
+    if result.device:
+        lines[0] += f"; GPU busy {result.busy_ms:.2f} ms ({100 * result.busy_ms / max(result.span_ms, 1e-9):.0f}%)"
+    lines.append("")
+    lines += _table("phase", [(p, result.phases.get(p, 0.0)) for p in PHASES], result.total_ms)
+    lines.append("")
+    by_category = sorted(result.categories.items(), key=lambda item: -item[1])
+    lines += _table("category", by_category, result.total_ms)
+    lines += ["", "| top kernels / ops | calls | ms | share |", "|---|---|---|---|"]
+    heaviest = sorted(result.names.items(), key=lambda item: -item[1][1])[:top]
+    for name, (calls, ms) in heaviest:
+        short = name if len(name) <= 80 else name[:77] + "..."
+        lines.append(f"| {short.replace('|', '/')} | {calls} | {ms:.2f} | {100 * ms / result.total_ms:.1f}% |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dualtower.trace_breakdown", description="Where a traced step's time went."
+    )
+    parser.add_argument("trace", type=Path, help="a chrome trace written by --profile (.json or .json.gz)")
+    parser.add_argument("--top", type=int, default=12, help="kernels / operators listed")
+    args = parser.parse_args(argv)
+    if not args.trace.is_file():
+        sys.stderr.write(f"error: trace not found: {args.trace}\n")
+        return 2
+    sys.stdout.write(format_breakdown(breakdown(load_trace(args.trace)), args.top) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
