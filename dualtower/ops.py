@@ -7,11 +7,11 @@ Backends (DESIGN.md section 2):
     "chunked"       pure PyTorch, supervised rows only, in chunks (linear cross-entropy only; any device)
     "reference"     pure PyTorch: the CPU fallback and the test oracle
 "auto" picks the fastest available on the tensors' device: triton on CUDA; on CPU chunked where an op has it,
-else reference. Override with
-`set_backend(name)` (what the model / trainer config passes), `set_backend(name, op=...)` for one op, or the
-environment variable DUALTOWER_BACKEND. A forced backend applies to the ops that implement it; the others
-keep their automatic choice (so "flash" changes attention only). flash / torch_varlen get K = [prefix; text]
-per document, concatenated: their bottom-right-aligned causal mask is exactly our semantics.
+else reference. Override with `set_backend(name)` (what the model / trainer config passes),
+`set_backend(name, op=...)` for one op, or the environment variable DUALTOWER_BACKEND. A forced backend applies
+to the ops that implement it; the others keep their automatic choice (so "flash" changes attention only).
+flash / torch_varlen get K = [prefix; text] per document, concatenated: their bottom-right-aligned causal mask
+is exactly our semantics.
 
 Shape legend: Nt text tokens, Np prefix tokens, Hq / Hkv query / key-value heads, D head dim, B rows.
 """

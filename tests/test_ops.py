@@ -41,7 +41,7 @@ def test_auto_on_cpu_is_chunked_where_implemented_else_reference() -> None:
     for op in OPS:
         expected = ops.CHUNKED if op == "linear_cross_entropy" else ops.REFERENCE
         assert ops.selected_backend(op, "cpu") == expected
-    ops.set_backend("chunked")  # attention has no chunked twin: it keeps its automatic choice
+    ops.set_backend("chunked")  # attention has no chunked version: it keeps its automatic choice
     assert ops.selected_backend("prefix_attention", "cpu") == ops.REFERENCE
 
 
