@@ -6,9 +6,11 @@ Prints markdown tables:
 - on a CPU-only trace: the exclusive time of the operators, by the same phases and categories.
 Phases come from the profiler's own annotations: backward = under `autograd::engine::evaluate_function`,
 optimizer = under `Optimizer.step` / `Optimizer.zero_grad`, forward = everything else (the forward pass, the
-loss, gradient clipping, batch copies). Categories come from kernel / operator names (CATEGORIES below). It reads
-any chrome trace of torch's profiler: training steps (`train/main.py --profile`) and generation
-(`python -m dualtower.generate --profile DIR`).
+loss, gradient clipping, batch copies). Categories come from kernel / operator names (CATEGORIES below), except
+that whatever runs inside one of our custom ops (`dualtower::...`) counts under that op's category: the chunked
+loss's GEMMs and exps are cross-entropy time, not generic matmul / elementwise time. It reads any chrome trace
+of torch's profiler: training steps (`train/main.py --profile`) and generation (`python -m dualtower.generate
+--profile DIR`).
 """
 
 from __future__ import annotations
@@ -58,10 +60,11 @@ class Breakdown:
     categories: dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
     names: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(lambda: [0, 0.0]))
 
-    def add(self, name: str, phase: str, ms: float) -> None:
+    def add(self, name: str, phase: str, ms: float, owner: str | None = None) -> None:
+        """owner: the category of the custom op this ran inside, which takes precedence over the name's."""
         self.total_ms += ms
         self.phases[phase] += ms
-        self.categories[category(name)] += ms
+        self.categories[owner or category(name)] += ms
         self.names[name][0] += 1
         self.names[name][1] += ms
 
@@ -73,34 +76,51 @@ def load_trace(path: Path) -> list[dict[str, Any]]:
     return data["traceEvents"] if isinstance(data, dict) else data
 
 
-def _host_phases(events: list[dict[str, Any]]) -> tuple[dict[int, str], list[tuple[dict, str, float]]]:
-    """Per thread, walk nested host events: (External id -> phase, [(op event, phase, exclusive ms)])."""
+@dataclass
+class _Frame:
+    """One open host event while walking a thread's nesting."""
+
+    event: dict[str, Any]
+    phase: str
+    owner: str | None  # category of the innermost enclosing dualtower:: op
+    exclusive_us: float
+
+
+def _host_phases(events: list[dict[str, Any]]) -> tuple[dict[int, _Frame], list[_Frame]]:
+    """Per thread, walk nested host events: (External id -> its frame, every frame with its exclusive time)."""
     by_thread: dict[Any, list[dict]] = collections.defaultdict(list)
     for event in events:
         if event.get("cat") in _HOST_CATS and event.get("ph") == "X":
             by_thread[(event.get("pid"), event.get("tid"))].append(event)
-    phase_of_id: dict[int, str] = {}
-    exclusive: list[tuple[dict, str, float]] = []
+    frame_of_id: dict[int, _Frame] = {}
+    frames: list[_Frame] = []
     for thread_events in by_thread.values():
         thread_events.sort(key=lambda e: (e["ts"], -e.get("dur", 0)))
-        stack: list[list] = []  # [event, phase, exclusive us]
+        stack: list[_Frame] = []
         for event in thread_events:
-            while stack and event["ts"] >= stack[-1][0]["ts"] + stack[-1][0].get("dur", 0):
-                done = stack.pop()
-                exclusive.append((done[0], done[1], done[2] / 1e3))
-            phase = stack[-1][1] if stack else "forward"
-            if event["name"].startswith("autograd::engine::evaluate_function"):
-                phase = "backward"
-            elif event["name"].startswith("Optimizer."):
-                phase = "optimizer"
+            while stack and event["ts"] >= stack[-1].event["ts"] + stack[-1].event.get("dur", 0):
+                frames.append(stack.pop())
+            frame = _Frame(event, *_context(event["name"], stack[-1] if stack else None), event.get("dur", 0))
             if stack:
-                stack[-1][2] -= event.get("dur", 0)
-            stack.append([event, phase, event.get("dur", 0)])
+                stack[-1].exclusive_us -= frame.exclusive_us
+            stack.append(frame)
             external = event.get("args", {}).get("External id")
             if external is not None:
-                phase_of_id[external] = phase
-        exclusive += [(item[0], item[1], item[2] / 1e3) for item in stack]
-    return phase_of_id, exclusive
+                frame_of_id[external] = frame
+        frames += stack
+    return frame_of_id, frames
+
+
+def _context(name: str, parent: _Frame | None) -> tuple[str, str | None]:
+    """(phase, owner category) of an event named `name` nested directly in `parent`."""
+    phase, owner = (parent.phase, parent.owner) if parent else ("forward", None)
+    if name.startswith("autograd::engine::evaluate_function"):
+        phase = "backward"
+    elif name.startswith("Optimizer."):
+        phase = "optimizer"
+    if name.startswith("dualtower::") and category(name) != "other":
+        owner = category(name)
+    return phase, owner
 
 
 def _busy_ms(intervals: list[tuple[float, float]]) -> float:
@@ -113,20 +133,21 @@ def _busy_ms(intervals: list[tuple[float, float]]) -> float:
 
 
 def breakdown(events: list[dict[str, Any]]) -> Breakdown:
-    phase_of_id, exclusive = _host_phases(events)
+    frame_of_id, frames = _host_phases(events)
     kernels = [e for e in events if e.get("cat") in _DEVICE_CATS and e.get("ph") == "X"]
     if kernels:
         result = Breakdown(device=True)
         for kernel in kernels:
-            external = kernel.get("args", {}).get("External id")
-            result.add(kernel["name"], phase_of_id.get(external, "forward"), kernel.get("dur", 0) / 1e3)
+            launcher = frame_of_id.get(kernel.get("args", {}).get("External id"))
+            phase, owner = (launcher.phase, launcher.owner) if launcher else ("forward", None)
+            result.add(kernel["name"], phase, kernel.get("dur", 0) / 1e3, owner)
         intervals = [(k["ts"], k["ts"] + k.get("dur", 0)) for k in kernels]
     else:
         result = Breakdown(device=False)
-        ops = [(e, phase, ms) for e, phase, ms in exclusive if e.get("cat") == "cpu_op"]
-        for event, phase, ms in ops:
-            result.add(event["name"], phase, ms)
-        intervals = [(e["ts"], e["ts"] + e.get("dur", 0)) for e, _, _ in ops]
+        ops = [frame for frame in frames if frame.event.get("cat") == "cpu_op"]
+        for frame in ops:
+            result.add(frame.event["name"], frame.phase, frame.exclusive_us / 1e3, frame.owner)
+        intervals = [(f.event["ts"], f.event["ts"] + f.event.get("dur", 0)) for f in ops]
     if intervals:
         result.span_ms = (max(stop for _, stop in intervals) - min(start for start, _ in intervals)) / 1e3
         result.busy_ms = _busy_ms(intervals)

@@ -1,9 +1,10 @@
-"""Helpers shared by the kernel families: interpreter detection, launch configs, dot precision, SM counts."""
+"""Helpers shared by the kernel families: interpreter detection, autotuning, dot precision, SM counts."""
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -15,11 +16,25 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("DUALTOWER_AUTOTUNE", "1") != "0"
 
 
-def tuning_configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
-    """The GPU sweep, or the single small config the interpreter needs (it cannot autotune over 2+ configs)."""
+def autotune(
+    gpu: list[triton.Config], *, fp32: triton.Config, interpreter: triton.Config, key: list[str]
+) -> Callable:
+    """`triton.autotune` over `gpu` for 16-bit inputs and over `fp32` alone for fp32 inputs.
+
+    fp32 inputs take exact ("ieee") dots, which Triton lowers to FMA loops instead of tensor-core MMAs; on the
+    large tiles tuned for bf16 that takes 20-70 s of compilation per config and kernel (sm_90, measured with
+    `python -m dualtower_kernels.compile_check`), for a path that exists for exactness, not speed. The kernel
+    must take a PRECISION constexpr. The interpreter gets its single small config (it cannot autotune over
+    two or more).
+    """
     if INTERPRET:
-        return [interpreter]
-    return gpu if AUTOTUNE else gpu[:1]
+        return triton.autotune(configs=[interpreter], key=key)
+    fast = gpu if AUTOTUNE else gpu[:1]
+
+    def by_precision(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        return [fp32] if kwargs["PRECISION"] == "ieee" else fast
+
+    return triton.autotune(configs=[*fast, fp32], key=key, prune_configs_by={"early_config_prune": by_precision})
 
 
 def dot_precision(dtype: torch.dtype) -> str:

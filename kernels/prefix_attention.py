@@ -34,10 +34,10 @@ from torch import Tensor
 from torch.nn.functional import scaled_dot_product_attention
 
 from dualtower_kernels._common import (
+    autotune,
     check_triton_device,
     dot_precision,
     row_offsets,
-    tuning_configs,
     upcast_dots,
 )
 from dualtower_kernels.prefix_attention_bwd import _prefix_attn_dkdv_kernel, _prefix_attn_dq_kernel
@@ -159,15 +159,14 @@ def _fwd_key_range(
     return acc, l_i, m_i
 
 
-@triton.autotune(
-    configs=tuning_configs(
-        [
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        ],
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
-    ),
+@autotune(
+    [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    ],
+    fp32=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    interpreter=triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
     key=["HEAD_DIM", "UPCAST", "PRECISION"],
 )
 @triton.jit

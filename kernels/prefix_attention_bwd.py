@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dualtower_kernels._common import row_offsets, tuning_configs
+from dualtower_kernels._common import autotune, row_offsets
 
 
 @triton.jit
@@ -46,15 +46,14 @@ def _dq_key_range(
     return dq
 
 
-@triton.autotune(
-    configs=tuning_configs(
-        [
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-        ],
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
-    ),
+@autotune(
+    [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+    ],
+    fp32=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    interpreter=triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
     key=["HEAD_DIM", "UPCAST", "PRECISION"],
 )
 @triton.jit
@@ -182,15 +181,14 @@ def _dkdv_block(
     tl.store(DVB + kv_offsets, dv.to(DVB.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(
-    configs=tuning_configs(
-        [
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=3),
-        ],
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}),
-    ),
+@autotune(
+    [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+    ],
+    fp32=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    interpreter=triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}),
     key=["HEAD_DIM", "UPCAST", "PRECISION"],
 )
 @triton.jit

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dualtower_kernels._common import check_triton_device, dot_precision, tuning_configs, upcast_dots
+from dualtower_kernels._common import autotune, check_triton_device, dot_precision, upcast_dots
 
 
 def pixel_shuffle(x: Tensor, factor: int) -> Tensor:
@@ -78,11 +78,13 @@ _GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
 ]
+_FP32_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2)
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})
+_AUTOTUNE = autotune(_GEMM_CONFIGS, fp32=_FP32_CONFIG, interpreter=_INTERPRETER_CONFIG, key=["n_out", "C", "FACTOR"])
 _EVEN_C = triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_K"] == 0})
 
 
-@triton.autotune(configs=tuning_configs(_GEMM_CONFIGS, _INTERPRETER_CONFIG), key=["n_out", "C", "FACTOR"])
+@_AUTOTUNE
 @_EVEN_C
 @triton.jit
 def _project_fwd_kernel(
@@ -117,7 +119,7 @@ def _project_fwd_kernel(
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
 
 
-@triton.autotune(configs=tuning_configs(_GEMM_CONFIGS, _INTERPRETER_CONFIG), key=["n_out", "C", "FACTOR"])
+@_AUTOTUNE
 @triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_N"] == 0})
 @triton.jit
 def _project_dx_kernel(
@@ -151,7 +153,7 @@ def _project_dx_kernel(
     tl.store(DX + x_offsets, acc.to(DX.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=tuning_configs(_GEMM_CONFIGS, _INTERPRETER_CONFIG), key=["n_out", "C", "FACTOR"])
+@_AUTOTUNE
 @triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_N"] == 0})
 @triton.jit
 def _project_dw_kernel(

@@ -77,6 +77,40 @@ def test_breakdown_of_a_cpu_trace_counts_exclusive_time() -> None:
     assert result.total_ms == pytest.approx(0.100)
 
 
+def test_ops_inside_our_custom_ops_count_under_the_ops_category() -> None:
+    """The chunked loss's generic GEMM / exp on CPU, and a GEMM kernel launched inside the loss op on GPU."""
+    cpu = [
+        _event("dualtower::linear_cross_entropy_fwd", 0, 100),
+        _event("aten::mm", 10, 50),
+        _event("aten::exp_", 65, 20),
+        _event("aten::mm", 120, 30),
+        _event("dualtower::sample_logits", 200, 10),  # no category of its own: its children keep theirs
+        _event("aten::mm", 202, 5),
+    ]
+    assert dict(breakdown(cpu).categories) == pytest.approx({"cross-entropy": 0.100, "matmul": 0.035, "other": 0.005})
+    gpu = [
+        _event("dualtower::linear_cross_entropy_fwd", 0, 50),
+        _event("aten::mm", 5, 10, ext=1),
+        _event("aten::mm", 60, 10, ext=2),
+        _event("nvjet_hsh_gemm", 10, 20, cat="kernel", ext=1),
+        _event("nvjet_hsh_gemm", 70, 30, cat="kernel", ext=2),
+    ]
+    assert dict(breakdown(gpu).categories) == pytest.approx({"cross-entropy": 0.020, "matmul": 0.030})
+
+
+def test_a_real_chunked_loss_trace_is_cross_entropy_time(tmp_path: Path) -> None:
+    from dualtower_kernels.linear_cross_entropy import linear_cross_entropy_chunked
+
+    hidden, weight = torch.randn(64, 32, requires_grad=True), torch.randn(1000, 32, requires_grad=True)
+    labels = torch.randint(0, 1000, (64,)).masked_fill(torch.arange(64) % 3 == 0, -100)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        linear_cross_entropy_chunked(hidden, weight, labels).backward()
+    prof.export_chrome_trace(str(tmp_path / "loss.json"))
+    result = breakdown(load_trace(tmp_path / "loss.json"))
+    assert result.names["aten::mm"][1] > 0 and result.categories["matmul"] == 0
+    assert result.categories["cross-entropy"] > 0.8 * result.total_ms
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from dualtower.tokenizer import load_tokenizer
