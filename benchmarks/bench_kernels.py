@@ -32,7 +32,8 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from dualtower import ops
 from dualtower_kernels.decode_attention import decode_attention_reference
 from dualtower_kernels.linear_cross_entropy import linear_cross_entropy_reference
-from dualtower_kernels.prefix_attention import concat_prefix_text, prefix_attention_reference
+from dualtower_kernels.prefix_attention import concat_prefix_text
+from dualtower_kernels.prefix_attention_reference import prefix_attention_reference
 from dualtower_kernels.projector import pixel_shuffle, pixel_shuffle_project_reference
 from dualtower_kernels.testing import PackedAttention, packed_attention, random_packing
 

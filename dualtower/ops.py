@@ -33,6 +33,7 @@ from torch.nn.functional import scaled_dot_product_attention
 from dualtower_kernels import decode_attention as _decode
 from dualtower_kernels import linear_cross_entropy as _lce
 from dualtower_kernels import prefix_attention as _prefix
+from dualtower_kernels import prefix_attention_reference as _prefix_reference
 from dualtower_kernels import projector as _projector
 from dualtower_kernels._common import INTERPRET
 
@@ -115,13 +116,21 @@ def _library_prefix_attention(attend, q, k, v, k_prefix, v_prefix, cu_text, cu_p
     return torch.where(in_text, out, 0)
 
 
+def _reference_prefix_attention(*args) -> Tensor:
+    """The twin itself in eager mode; under torch.compile the same twin as one opaque op (its document loop reads
+    lengths on the host, which dynamo would otherwise recompile for at every new document count)."""
+    if torch.compiler.is_compiling():
+        return _prefix_reference.prefix_attention_reference_op(*args)
+    return _prefix_reference.prefix_attention_reference(*args)
+
+
 # op name -> backend name -> implementation
 _IMPLEMENTATIONS: dict[str, dict[str, Callable[..., Tensor]]] = {
     "prefix_attention": {
         TRITON: _prefix.prefix_attention,
         FLASH: functools.partial(_library_prefix_attention, _flash_attend),
         TORCH_VARLEN: functools.partial(_library_prefix_attention, torch_varlen_attention),
-        REFERENCE: _prefix.prefix_attention_reference,
+        REFERENCE: _reference_prefix_attention,
     },
     "decode_attention": {TRITON: _decode.decode_attention, REFERENCE: _decode.decode_attention_reference},
     "linear_cross_entropy": {
@@ -201,7 +210,8 @@ def selected_backend(op: str, device: torch.device | str) -> str:
 def _resolve(op: str, device: torch.device) -> Callable[..., Tensor]:
     name = selected_backend(op, device)
     key = (op, name, device.type)
-    if key not in _logged and not torch.compiler.is_compiling():
+    # is_compiling() first: dynamo would otherwise guard on the set's contents and recompile when it grows.
+    if not torch.compiler.is_compiling() and key not in _logged:
         _logged.add(key)
         logger.info("%s: using the %r backend on %s", op, name, device.type)
     return _IMPLEMENTATIONS[op][name]

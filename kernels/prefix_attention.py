@@ -24,14 +24,12 @@ Prefix and text K/V are read from their own buffers; nothing is concatenated.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.nn.functional import scaled_dot_product_attention
 
 from dualtower_kernels._common import (
     autotune,
@@ -41,57 +39,6 @@ from dualtower_kernels._common import (
     upcast_dots,
 )
 from dualtower_kernels.prefix_attention_bwd import _prefix_attn_dkdv_kernel, _prefix_attn_dq_kernel
-
-
-def prefix_attention_reference(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    k_prefix: Tensor,
-    v_prefix: Tensor,
-    cu_text: Tensor,
-    cu_prefix: Tensor,
-    max_text_len: int,
-    max_prefix_len: int,
-    scale: float | None = None,
-) -> Tensor:
-    """Obviously-correct twin: one SDPA call per document with an explicit boolean mask."""
-    del max_text_len, max_prefix_len  # only the kernels need them
-    text_bounds, prefix_bounds = cu_text.tolist(), cu_prefix.tolist()
-    # torch.split, not slicing: the backward of B slices would write B full-size zero gradients.
-    text_sizes = [b - a for a, b in itertools.pairwise(text_bounds)] + [q.shape[0] - text_bounds[-1]]
-    prefix_sizes = [b - a for a, b in itertools.pairwise(prefix_bounds)] + [k_prefix.shape[0] - prefix_bounds[-1]]
-    qs, ks, vs = (t.split(text_sizes) for t in (q, k, v))
-    group = q.shape[1] // k.shape[1]
-    kps, vps = (t.split(prefix_sizes) for t in (k_prefix, v_prefix))
-    outputs = []
-    for doc in range(len(text_sizes) - 1):
-        n_text, n_prefix = text_sizes[doc], prefix_sizes[doc]
-        if n_text == 0:
-            continue
-        # (P+T, Hq, D): K/V heads repeated for their query groups. SDPA's enable_gqa is ~10x slower than this
-        # in its CPU backward (torch 2.13), and this is the CPU training path.
-        keys = _repeat_heads(torch.cat([kps[doc], ks[doc]]), group)
-        values = _repeat_heads(torch.cat([vps[doc], vs[doc]]), group)
-        # Query j (text position P+j) sees keys 0 .. P+j: the prefix and the causal part of the text.
-        visible = torch.ones(n_text, n_prefix + n_text, dtype=torch.bool, device=q.device).tril(diagonal=n_prefix)
-        out = scaled_dot_product_attention(
-            qs[doc].transpose(0, 1).unsqueeze(0),
-            keys.transpose(0, 1).unsqueeze(0),
-            values.transpose(0, 1).unsqueeze(0),
-            attn_mask=visible,
-            scale=scale,
-        )
-        outputs.append(out.squeeze(0).transpose(0, 1))
-    # Padding rows after the last document attend to nothing: zeros, as the kernels write.
-    outputs.append(q.new_zeros((text_sizes[-1], *q.shape[1:])))
-    return torch.cat(outputs)
-
-
-def _repeat_heads(x: Tensor, group: int) -> Tensor:
-    """(L, Hkv, D) -> (L, Hkv * group, D), each K/V head repeated for the query heads of its group."""
-    length, heads, dim = x.shape
-    return x.unsqueeze(2).expand(length, heads, group, dim).reshape(length, heads * group, dim)
 
 
 def concat_prefix_text(

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from dualtower_kernels.prefix_attention import (
     prefix_attention,
     prefix_attention_bwd,
     prefix_attention_fwd,
+)
+from dualtower_kernels.prefix_attention_reference import (
     prefix_attention_reference,
+    prefix_attention_reference_backward,
+    prefix_attention_reference_op,
 )
 from dualtower_kernels.testing import (
     PackedAttention,
@@ -74,6 +79,43 @@ def test_opcheck() -> None:
     detached = [t.detach() for t in batch.leaves]
     bwd_args = (torch.randn_like(out), *detached, out.detach(), lse, *batch.args[5:], 0.25)
     torch.library.opcheck(prefix_attention_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("case", list(CPU_CASES), ids=list(CPU_CASES))
+def test_reference_backward_matches_autograd(case: str) -> None:
+    """The written-out softmax backward (what the opaque op runs) against autograd through SDPA, in fp64."""
+    text, prefix, q_heads, kv_heads, head_dim, pad_text, pad_prefix = CPU_CASES[case]
+    batch = packed_attention(text, prefix, q_heads, kv_heads, head_dim, pad_text=pad_text, pad_prefix=pad_prefix)
+    batch = batch.cast(torch.float64)
+    grad_out = torch.randn_like(batch.q)
+    detached = [t.detach() for t in batch.leaves]
+    ours = prefix_attention_reference_backward(grad_out, *detached, batch.cu_text, batch.cu_prefix, 0.3)
+    _, *expected = _run(lambda *args: prefix_attention_reference(*args, scale=0.3), batch, grad_out)
+    for name, a, e in zip(GRAD_NAMES, ours, expected, strict=True):
+        assert_close(a, e, atol=1e-12, rtol=1e-10, name=name)
+
+
+def test_reference_op_compiles_once_for_any_document_count() -> None:
+    """Under torch.compile the twin is one opaque op: no graph break, no recompile as documents come and go."""
+    layouts = [([5, 1, 0, 40], [3, 0, 20, 17]), ([7, 9], [19, 0]), ([2, 3, 4, 1, 6], [0, 5, 5, 1, 0])]
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(prefix_attention_reference_op, backend=counter, fullgraph=True, dynamic=True)
+    for text, prefix in layouts:
+        batch = packed_attention(text, prefix, 3, 1, 16, pad_text=2, pad_prefix=1)
+        grad_out = torch.randn_like(batch.q)
+        ours = _run(compiled, batch, grad_out)
+        expected = _run(prefix_attention_reference, batch, grad_out)
+        for name, a, e in zip(("out", *GRAD_NAMES), ours, expected, strict=True):
+            assert_close(a, e, atol=1e-5, rtol=1e-5, name=name)
+    assert counter.frame_count == 1
+
+
+def test_reference_ops_opcheck() -> None:
+    batch = packed_attention([3, 2], [2, 0], 2, 1, 16)
+    torch.library.opcheck(torch.ops.dualtower.prefix_attention_reference, (*batch.args, 0.25))
+    detached = [t.detach() for t in batch.leaves]
+    bwd_args = (torch.randn_like(batch.q), *detached, batch.cu_text, batch.cu_prefix, None)
+    torch.library.opcheck(torch.ops.dualtower.prefix_attention_reference_bwd, bwd_args)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from dualtower.model.config import LMConfig
 from dualtower.model.language import DecoderBlock, RotaryEmbedding
 from dualtower_kernels.decode_attention import decode_attention_reference
 from dualtower_kernels.linear_cross_entropy import linear_cross_entropy_reference
-from dualtower_kernels.prefix_attention import prefix_attention_reference
+from dualtower_kernels.prefix_attention_reference import prefix_attention_reference
 from dualtower_kernels.projector import pixel_shuffle_project_reference
 from dualtower_kernels.testing import (
     assert_close,
@@ -156,7 +156,7 @@ def _tiny_block_step(device: str):
     return step, [t.to(device).requires_grad_() for t in inputs], block
 
 
-def _compiled_matches_eager(device: str, backend: str) -> None:
+def _compiled_matches_eager(device: str, backend: str, attention_op: str = "dualtower.prefix_attention_fwd") -> None:
     step, inputs, block = _tiny_block_step(device)
     params = [p for p in block.parameters() if p.requires_grad]
     expected = step(*inputs)
@@ -168,7 +168,7 @@ def _compiled_matches_eager(device: str, backend: str) -> None:
     grads = torch.autograd.grad(loss, inputs + params)
     assert counter.frame_count == 1
     code = counter.graphs[0].code
-    assert "dualtower.prefix_attention_fwd" in code and "dualtower.linear_cross_entropy_fwd" in code
+    assert attention_op in code and "dualtower.linear_cross_entropy_fwd" in code
     assert_close(loss, expected, atol=1e-5, rtol=1e-5, name="loss")
     for i, (a, e) in enumerate(zip(grads, expected_grads, strict=True)):
         assert_close(a, e, atol=1e-4, rtol=1e-4, name=f"grad {i}")
@@ -177,6 +177,11 @@ def _compiled_matches_eager(device: str, backend: str) -> None:
 def test_compiled_block_no_graph_break_cpu() -> None:
     ops.set_backend("triton")
     _compiled_matches_eager("cpu", "aot_eager")
+
+
+def test_compiled_block_no_graph_break_cpu_reference() -> None:
+    """CPU's own backends: the reference attention (an opaque op under compile) and the chunked loss."""
+    _compiled_matches_eager("cpu", "aot_eager", attention_op="dualtower.prefix_attention_reference")
 
 
 @pytest.mark.gpu

@@ -1,5 +1,6 @@
-"""Two ranks (torchrun, gloo, FSDP2) against one: the same losses for the same global batch, and checkpoints
-that resume on the other world size and continue with the same losses.
+"""Two ranks (torchrun, gloo, FSDP2) against one: the same losses for the same global batch, also with
+activation checkpointing and torch.compile, and checkpoints that resume on the other world size and continue
+with the same losses.
 
 One rank with 2 data workers and 2 micro-batches per step reads exactly the global batch that 2 ranks with
 1 worker and 1 micro-batch each read (the loader shards by rank x worker), so their losses must agree.
@@ -19,6 +20,9 @@ pytestmark = pytest.mark.dist
 STEPS = 20
 ONE_RANK = ("--data.num_workers=2", "--training.micro_batches=2")
 TWO_RANKS = ("--data.num_workers=1", "--training.micro_batches=1")
+# The GPU recipes' composition: activation checkpointing, then per-block torch.compile (inductor's CPU backend
+# here), then FSDP2.
+COMPILED = ("--parallel.activation_checkpointing=true", "--parallel.compile=true")
 
 
 def _start(nproc: int, run_dir: Path, tokenizer: Path, *extra: str) -> subprocess.Popen:
@@ -43,10 +47,15 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("dist")
     tokenizer = fast_tokenizer_dir(base)
     # Both at once: each process is single-threaded, so together they use the machine's cores better.
-    launched = [_start(1, base / "one", tokenizer, *ONE_RANK), _start(2, base / "two", tokenizer, *TWO_RANKS)]
+    launched = [
+        _start(1, base / "one", tokenizer, *ONE_RANK),
+        _start(2, base / "two", tokenizer, *TWO_RANKS),
+        _start(2, base / "two_compiled", tokenizer, *TWO_RANKS, *COMPILED),
+    ]
     for proc in launched:
         _finish(proc)
-    return {"one": base / "one", "two": base / "two", "tokenizer": tokenizer, "base": base}
+    runs = {name: base / name for name in ("one", "two", "two_compiled")}
+    return runs | {"tokenizer": tokenizer, "base": base}
 
 
 def test_two_ranks_reproduce_one_rank_losses(runs) -> None:
@@ -55,6 +64,13 @@ def test_two_ranks_reproduce_one_rank_losses(runs) -> None:
     for step in range(1, STEPS + 1):
         assert two[step] == pytest.approx(one[step], abs=1e-4), step
     assert one[STEPS] < one[1] - 1.0  # it trained
+
+
+def test_checkpointed_compiled_fsdp_ranks_reproduce_eager_losses(runs) -> None:
+    one, compiled = train_losses(runs["one"]), train_losses(runs["two_compiled"])
+    assert sorted(compiled) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert compiled[step] == pytest.approx(one[step], abs=1e-4), step
 
 
 @pytest.mark.slow  # two more launches: over the default suite's time budget on a 2-core machine

@@ -13,8 +13,12 @@ from dualtower.parallel.ac import transformer_block_lists
 
 
 def apply_compile(model: nn.Module, fullgraph: bool = True) -> None:
-    # Packed batches change their token count every step: let shapes go dynamic instead of recompiling.
+    # Packed batches change their token and document counts every step. dynamic=True compiles those sizes as
+    # symbols from the first call; the default (static first, then dynamic one dimension at a time as each is
+    # seen to change) recompiled the debug LM block 6 times in its first 30 steps. Widths stay static: they meet
+    # the parameters' static shapes. A block still compiles twice per tower kind: the left tower calls LM blocks
+    # with empty prefix K/V that need no gradient, the right tower with prefix K/V that do.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     for blocks in transformer_block_lists(model):
         for block in blocks:
-            block.compile(fullgraph=fullgraph)
+            block.compile(fullgraph=fullgraph, dynamic=True)
