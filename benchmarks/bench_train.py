@@ -10,9 +10,10 @@ Providers (one benchmark entry each, the baseline first):
                full logits, torch.optim.AdamW (eager, or the whole loss under torch.compile)
     dualtower  Trainer.train_step: varlen kernels, right tower over text only, fused linear cross-entropy,
                fp32 weights + bf16 autocast, fused AdamW (eager, or per-block torch.compile)
-Cases: `debug` on the CPU (a small shape); on CUDA the reference_throughput.md rows it can be held against:
-`135m` with the original's default freezing (projector + left LM train), `360m` with everything trainable in
-eager mode, and the same compiled (marked `compiled`: `-m "not compiled"` leaves it out).
+Cases: `debug` on the CPU (a small shape), eager and compiled; on CUDA the reference_throughput.md rows it can
+be held against: `135m` with the original's default freezing (projector + left LM train), `360m` with everything
+trainable in eager mode, and the same compiled. Compiled cases are marked `compiled`: `-m "not compiled"` leaves
+them out.
 
 extra_info (see _common.py): tokens_per_s (B x T / median step, the original's definition), tflops and mfu
 (model FLOPs of the step as dualtower.training.flops counts them: the same numerator for both providers, so
@@ -64,6 +65,11 @@ class Case:
 CASES = [
     pytest.param(
         Case("debug-cpu", "debug", "cpu", 2, 2, 96, "all", compile=False, rounds=3, profile=True), id="debug-cpu"
+    ),
+    pytest.param(
+        Case("debug-cpu-compiled", "debug", "cpu", 2, 2, 96, "all", compile=True, rounds=3),
+        id="debug-cpu-compiled",
+        marks=pytest.mark.compiled,
     ),
     pytest.param(
         Case("135m-default-eager", "135m", "cuda", 4, 5, 1723, "default", False, 8, anchor=(31_418, 13.9)),
@@ -148,6 +154,8 @@ def _model_flops(case: Case, model: DualTowerVLM, batch) -> float:
 def test_train_step(benchmark, case: Case, provider: str, tmp_path: Path) -> None:
     if case.device == "cuda" and not CUDA:
         pytest.skip("needs a CUDA device")
+    if case.device == "cpu" and case.compile and CUDA:
+        pytest.skip("minutes of CPU compilation: a GPU machine's budget goes to the GPU cases")
     device = torch.device(case.device)
     model = DualTowerVLM.from_flavor(case.flavor, device=device)
     original, packed = synthetic_rows(model, case.rows, case.tiles, case.text_len)

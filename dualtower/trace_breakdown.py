@@ -86,7 +86,7 @@ class _Frame:
     exclusive_us: float
 
 
-def _host_phases(events: list[dict[str, Any]]) -> tuple[dict[int, _Frame], list[_Frame]]:
+def _host_frames(events: list[dict[str, Any]]) -> tuple[dict[int, _Frame], list[_Frame]]:
     """Per thread, walk nested host events: (External id -> its frame, every frame with its exclusive time)."""
     by_thread: dict[Any, list[dict]] = collections.defaultdict(list)
     for event in events:
@@ -133,7 +133,7 @@ def _busy_ms(intervals: list[tuple[float, float]]) -> float:
 
 
 def breakdown(events: list[dict[str, Any]]) -> Breakdown:
-    frame_of_id, frames = _host_phases(events)
+    frame_of_id, frames = _host_frames(events)
     kernels = [e for e in events if e.get("cat") in _DEVICE_CATS and e.get("ph") == "X"]
     if kernels:
         result = Breakdown(device=True)

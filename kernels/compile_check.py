@@ -82,9 +82,10 @@ class _TargetDriver:
 
 @dataclasses.dataclass
 class Recorder:
-    """What compile_only collects; `workload` ("flavor dtype") labels the variants it records."""
+    """What compile_only collects; `flavor` and `dtype` name the workload of the variants it records next."""
 
-    workload: str = "- -"
+    flavor: str = ""
+    dtype: str = ""
     variants: list[Variant] = dataclasses.field(default_factory=list)
     default: bool = True  # whether the config being compiled is its autotuner's first
 
@@ -104,8 +105,7 @@ def compile_only(arch: int) -> Iterator[Recorder]:
         blocks = {k: v for k, v in kwargs.items() if k.startswith("BLOCK_") and isinstance(v, int)}
         seconds = time.perf_counter() - start
         compiled.add(fn)
-        flavor, dtype = recorder.workload.split()
-        recorder.variants.append(_describe(fn.__name__, flavor, dtype, blocks, kernel, recorder.default, seconds))
+        recorder.variants.append(_describe(fn.__name__, recorder, blocks, kernel, seconds))
         return kernel
 
     def compile_all_configs(tuner: Autotuner, *args, warmup, **kwargs):
@@ -132,13 +132,13 @@ def compile_only(arch: int) -> Iterator[Recorder]:
                 fn.device_caches.clear()
 
 
-def _describe(name: str, flavor: str, dtype: str, blocks: dict, kernel, default: bool, seconds: float) -> Variant:
+def _describe(name: str, recorder: Recorder, blocks: dict, kernel, seconds: float) -> Variant:
     ptx = kernel.asm["ptx"]
     registers, local_bytes = _resources(kernel.asm["cubin"])
     tensor_cores = "wgmma" if "wgmma." in ptx else "mma" if "mma.sync" in ptx else "none"
     meta = kernel.metadata
-    return Variant(name, flavor, dtype, blocks, meta.num_warps, meta.num_stages, default, meta.shared, registers,
-                   local_bytes, tensor_cores, round(seconds, 2))
+    return Variant(name, recorder.flavor, recorder.dtype, blocks, meta.num_warps, meta.num_stages, recorder.default,
+                   meta.shared, registers, local_bytes, tensor_cores, round(seconds, 2))
 
 
 def _resources(cubin: bytes) -> tuple[int, int]:
@@ -214,7 +214,7 @@ def compile_all(
     with compile_only(arch) as recorder:
         for flavor in flavors or list(FLAVORS):
             for dtype in dtypes:
-                recorder.workload = f"{flavor} {str(dtype).removeprefix('torch.')}"
+                recorder.flavor, recorder.dtype = flavor, str(dtype).removeprefix("torch.")
                 for family in families or list(WORKLOADS):
                     WORKLOADS[family](FLAVORS[flavor], dtype)
     return recorder.variants
