@@ -22,7 +22,7 @@ def autotune(
     """`triton.autotune` over `gpu` for 16-bit inputs and over `fp32` alone for fp32 inputs.
 
     fp32 inputs take exact ("ieee") dots, which Triton lowers to FMA loops instead of tensor-core MMAs; on the
-    large tiles tuned for bf16 that takes 20-70 s of compilation per config and kernel (sm_90, measured with
+    large tiles tuned for bf16 that took 17-73 s of compilation per config and kernel (sm_90, measured with
     `python -m dualtower_kernels.compile_check`), for a path that exists for exactness, not speed. The kernel
     must take a PRECISION constexpr. The interpreter gets its single small config (it cannot autotune over
     two or more).

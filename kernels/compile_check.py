@@ -254,13 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     if INTERPRET:
         parser.error("the Triton interpreter replaces the compiler: unset TRITON_INTERPRET")
     variants = compile_all(args.arch, [getattr(torch, d) for d in args.dtype], args.flavor, args.family)
-    print(format_table(variants))
+    sys.stdout.write(format_table(variants) + "\n")
     if args.json:
         args.json.write_text(json.dumps([dataclasses.asdict(v) for v in variants], indent=1))
     found = problems(variants, CARDS[args.arch])
     for problem in found:
-        print(f"ERROR: {problem}", file=sys.stderr)
-    print(f"{len(variants)} variants for sm_{args.arch}, {len(found)} that cannot launch")
+        sys.stderr.write(f"ERROR: {problem}\n")
+    sys.stdout.write(f"{len(variants)} variants for sm_{args.arch}, {len(found)} that cannot launch\n")
     return 1 if found else 0
 
 
