@@ -16,7 +16,7 @@ def apply_compile(model: nn.Module, fullgraph: bool = True) -> None:
     # Packed batches change their token and document counts every step. dynamic=True compiles those sizes as
     # symbols from the first call; the default (static first, then dynamic one dimension at a time as each is
     # seen to change) recompiled the debug LM block 6 times in its first 30 steps. Widths stay static: they meet
-    # the parameters' static shapes. A block still compiles twice per tower kind: the left tower calls LM blocks
+    # the parameters' static shapes. The LM block still compiles twice, once per tower: the left tower calls it
     # with empty prefix K/V that need no gradient, the right tower with prefix K/V that do.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     for blocks in transformer_block_lists(model):
