@@ -52,6 +52,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> Iterator[None]:
+    """Drop benchmarks that have no round before pytest-benchmark writes its JSON.
+
+    A run stopped by SIGINT (gpu_check's stage limit) interrupts a benchmark before its first round.
+    pytest-benchmark's JSON writer fails on such an entry (`min()` of no timings) and loses the stage's
+    finished benchmarks with it."""
+    benchmark_session = getattr(session.config, "_benchmarksession", None)
+    if benchmark_session is not None:
+        benchmark_session.benchmarks[:] = [bench for bench in benchmark_session.benchmarks if bench]
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _clean_device(request: pytest.FixtureRequest) -> Iterator[None]:
     """Free what earlier benchmarks left and reset the peak-memory counter, so peaks are this benchmark's."""

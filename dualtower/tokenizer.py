@@ -152,19 +152,39 @@ def _load_gguf_tokenizer(path: Path, kwargs: dict[str, Any]) -> Any:
             logger.warning("ignoring the unreadable tokenizer cache %s: %s", cache_dir, error)
     logger.info("building the tokenizer from GGUF %s (offline fallback, takes a few seconds)", path)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+    _set_gguf_special_tokens(tokenizer, path)
     if cache_dir is not None:
         _write_cache(tokenizer, cache_dir)
     return tokenizer
 
 
+def _set_gguf_special_tokens(tokenizer: Any, path: Path) -> None:
+    """Take BOS, EOS and UNK from the GGUF's own metadata: transformers 5.17's converter sets EOS to BOS."""
+    from dualtower.adapters.gguf_file import read_gguf
+
+    metadata, _ = read_gguf(path)
+    for role in ("bos", "eos", "unk"):
+        key = "unknown" if role == "unk" else role
+        token_id = metadata.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is None:
+            continue
+        token = tokenizer.convert_ids_to_tokens(int(token_id))
+        if getattr(tokenizer, f"{role}_token") != token:
+            logger.debug("GGUF %s token: %r (the converter gave %r)", role, token, getattr(tokenizer, f"{role}_token"))
+            setattr(tokenizer, f"{role}_token", token)
+
+
 def _gguf_cache_dir(path: Path) -> Path | None:
-    """Per-file cache folder (keyed by path, size and mtime); DUALTOWER_CACHE=off disables it."""
+    """Per-file cache folder (keyed by path, size, mtime and the converter's transformers version);
+    DUALTOWER_CACHE=off disables it."""
     root = os.environ.get("DUALTOWER_CACHE", "")
     if root.lower() in ("0", "off", "none", "false"):
         return None
     base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dualtower"
     stat = path.stat()
-    digest = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    converter = importlib.metadata.version("transformers")
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{converter}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return base / "tokenizers" / f"{path.stem}-{digest}"
 
 

@@ -3,7 +3,10 @@
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]        on the GPU machine, from the repository root
 #   bash scripts/gpu_check.sh --dry-run        print the stages, their time limits and commands; run nothing
-#   bash scripts/gpu_check.sh --prepare        on a CPU machine with the tokenizer: save it to runs/gpu_assets/
+#   bash scripts/gpu_check.sh --prepare        on a CPU machine with the tokenizer: save it to runs/gpu_assets/;
+#                                              with GPU_CHECK_TORCH_PYTHON (a Python whose torch is the GPU
+#                                              machine's CUDA build, e.g. a venv with torch==2.11.0 from PyPI)
+#                                              and nvcc, also build the fused sampler there for sm_90
 #
 # OUT_DIR defaults to $OUT, else ./gpu_check_out. It receives versions.txt, one <stage>.log per stage, one
 # pytest-benchmark <stage>.json per finished benchmark stage, results.jsonl (one line per finished benchmark,
@@ -24,7 +27,8 @@
 # (--dry-run shows the nominal limits; a real run shrinks each to the time left).
 # The data benchmark and the recipe profile need the tokenizer, which the GPU machine cannot download: run
 # `--prepare` on a CPU machine first and carry runs/gpu_assets to the GPU machine (it is git-ignored), or point
-# DUALTOWER_TOKENIZER_DIR at a saved tokenizer. Without it those two are skipped, saying why.
+# DUALTOWER_TOKENIZER_DIR at a saved tokenizer. Without it those two are skipped, saying why. A prebuilt sampler
+# in runs/gpu_assets/csrc spares the gpu tests a minute of nvcc, and lets them run where nvcc is missing.
 # Exit status: the number of stages that failed or timed out (0 = all passed).
 # For testing the script itself: GPU_CHECK_INSTALL=0 skips the install, GPU_CHECK_ALLOW_CPU=1 runs the stages on
 # a CPU (CPU figures; the GPU-only cases skip).
@@ -40,6 +44,7 @@ out_dir=${1:-${OUT:-gpu_check_out}}
 budget=${GPU_CHECK_BUDGET_S:-460}
 reserve=20  # seconds kept for the summary
 tokenizer_dir=${DUALTOWER_TOKENIZER_DIR:-runs/gpu_assets/tokenizer}
+sampler_library=runs/gpu_assets/csrc/dualtower_csrc_sampling.so
 failed=()
 statuses=()  # one line per stage, repeated in summary.md
 
@@ -50,6 +55,10 @@ from dualtower.tokenizer import load_tokenizer
 load_tokenizer().save_pretrained(sys.argv[1])
 print(f"tokenizer saved to {sys.argv[1]}; carry runs/gpu_assets to the GPU machine")
 EOF
+    if [[ -n ${GPU_CHECK_TORCH_PYTHON:-} ]]; then
+        PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$GPU_CHECK_TORCH_PYTHON" -m dualtower.generation.csrc_sampler \
+            build "$(dirname "$sampler_library")" || exit 1
+    fi
     exit 0
 fi
 
@@ -113,6 +122,7 @@ if [[ $mode == run ]]; then
     else
         echo "no tokenizer at $tokenizer_dir: the data benchmark and the recipe profile will be skipped (see --prepare)"
     fi
+    [[ -f $sampler_library ]] && export DUALTOWER_CSRC_LIBRARY=$PWD/$sampler_library
 fi
 
 run_stage gpu_tests 120 python -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$out_dir/gpu_tests.xml"

@@ -83,6 +83,32 @@ def test_benchmark_log_keeps_each_finished_benchmark(tmp_path: Path) -> None:
     assert "2.00x vs slow" in summarize.summarize(summarize.load([log]))
 
 
+def test_a_run_cut_short_still_writes_the_finished_benchmarks_json(tmp_path: Path) -> None:
+    """gpu_check stops a stage with SIGINT at its time limit. The benchmark it interrupts has no rounds, and
+    pytest-benchmark's JSON writer fails on such an entry, which would lose the whole stage's JSON."""
+    for name in ("conftest.py", "_common.py"):
+        shutil.copy(ROOT / "benchmarks" / name, tmp_path / name)
+    (tmp_path / "bench_cut.py").write_text(
+        "def test_finished(benchmark):\n"
+        "    benchmark.pedantic(sum, args=(range(100),), rounds=2)\n"
+        "\n"
+        "def interrupted():\n"
+        "    raise KeyboardInterrupt  # what the stage's SIGINT raises in the first round\n"
+        "\n"
+        "def test_interrupted(benchmark):\n"
+        "    benchmark.pedantic(interrupted, rounds=2)\n"
+    )
+    output = tmp_path / "stage.json"
+    command = [sys.executable, "-m", "pytest", str(tmp_path / "bench_cut.py"), "-q", "-p", "no:cacheprovider",
+               "-o", "python_files=bench_*.py", "--rootdir", str(tmp_path), "-c", os.devnull,
+               f"--benchmark-json={output}"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr  # pytest's "interrupted"
+    assert "min() iterable argument is empty" not in done.stdout + done.stderr
+    names = [bench["name"] for bench in json.loads(output.read_text())["benchmarks"]]
+    assert names == ["test_finished"]
+
+
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash")
 def test_gpu_check_plan_and_refusal_without_cuda(tmp_path: Path) -> None:
     script = str(ROOT / "scripts" / "gpu_check.sh")

@@ -3,7 +3,9 @@ the PyTorch sampler's distribution."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -26,10 +28,29 @@ def test_without_cuda_the_pytorch_sampler_is_used() -> None:
     assert csrc_sampler.sampler_for(torch.device("cpu")) is sample
 
 
+def test_a_prebuilt_library_loads_only_for_the_torch_build_it_names(tmp_path, monkeypatch) -> None:
+    loaded = []
+    monkeypatch.setattr(torch.ops, "load_library", loaded.append)
+    monkeypatch.setattr(csrc_sampler, "_register_fake", lambda: None)
+    library = tmp_path / f"{csrc_sampler.EXTENSION_NAME}.so"
+    assert not csrc_sampler._load_prebuilt(library)  # no built_for.json
+    built_for = tmp_path / csrc_sampler.BUILT_FOR
+    built_for.write_text('{"torch": "2.0.0+cu118", "cuda": "11.8"}')
+    assert not csrc_sampler._load_prebuilt(library) and loaded == []
+    built_for.write_text(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, "arch_list": "9.0"}))
+    assert csrc_sampler._load_prebuilt(library) and loaded == [str(library)]
+
+
+def test_building_the_library_needs_a_cuda_build_of_torch(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(RuntimeError, match="CUDA build of torch"):
+        csrc_sampler.build_library(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def fused():
-    if csrc_sampler.find_nvcc() is None:
-        pytest.skip("nvcc not installed")
+    if csrc_sampler.find_nvcc() is None and not os.environ.get(csrc_sampler.PREBUILT_ENV):
+        pytest.skip("neither nvcc nor a prebuilt library (DUALTOWER_CSRC_LIBRARY)")
     csrc_sampler.load_extension()
     return csrc_sampler.fused_sample
 

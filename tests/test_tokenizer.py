@@ -113,3 +113,23 @@ def test_saved_tokenizer_dir_from_the_environment_comes_after_the_checkpoint(mon
     assert first_two == [str(checkpoint.resolve()), str(saved.resolve())]
     monkeypatch.setenv("DUALTOWER_TOKENIZER_DIR", str(tmp_path / "empty"))  # no tokenizer files: ignored
     assert str((tmp_path / "empty").resolve()) not in tokmod._candidate_sources(None, "no/such-repo")
+
+
+def test_special_tokens_come_from_the_gguf_metadata(tokenizer, tmp_path):
+    # transformers 5.17 (the GPU machine's) converts the GGUF with eos = <|im_start|>; the metadata says id 2.
+    tokenizer.save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+
+    broken = AutoTokenizer.from_pretrained(tmp_path)
+    broken.eos_token = broken.unk_token = "<|im_start|>"
+    tokmod._set_gguf_special_tokens(broken, find_smollm2_gguf())
+    assert (broken.bos_token, broken.eos_token, broken.unk_token) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+    assert broken.eos_token_id == 2
+
+
+def test_gguf_cache_is_keyed_by_the_converters_version(monkeypatch, tmp_path):
+    monkeypatch.setenv("DUALTOWER_CACHE", str(tmp_path))
+    path = find_smollm2_gguf()
+    first = tokmod._gguf_cache_dir(path)
+    monkeypatch.setattr(tokmod.importlib.metadata, "version", lambda name: "0.0.1")
+    assert tokmod._gguf_cache_dir(path) != first and first.parent == tmp_path / "tokenizers"

@@ -6,11 +6,18 @@ Shape legend: B rows, V vocabulary.
 implements the same HF conventions as `dualtower.generation.sampling` with a radix select instead of a sort.
 The random numbers come from a torch.Generator, so a seed reproduces the tokens. Building needs nvcc and a
 CUDA build of torch (about a minute the first time; cached by torch.utils.cpp_extension afterwards).
+
+A machine without nvcc can load a library built elsewhere for the same torch build: `python -m
+dualtower.generation.csrc_sampler build DIR` (nvcc and a CUDA build of torch, no GPU needed) writes the library and
+`built_for.json`; `DUALTOWER_CSRC_LIBRARY=DIR/dualtower_csrc_sampling.so` makes `load_extension` use it, when
+torch's version and CUDA version match those it was built for.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import json
 import logging
 import os
 import shutil
@@ -29,6 +36,8 @@ logger = logging.getLogger(__name__)
 EXTENSION_NAME = "dualtower_csrc_sampling"
 SOURCE_NAME = "sampling.cu"
 OP_NAME = "sample_logits"
+PREBUILT_ENV = "DUALTOWER_CSRC_LIBRARY"
+BUILT_FOR = "built_for.json"
 
 
 def csrc_dir() -> Path:
@@ -67,8 +76,15 @@ def load_extension(verbose: bool = False) -> None:
         return
     if not torch.cuda.is_available() or torch.version.cuda is None:
         raise RuntimeError("the fused CUDA sampler needs a CUDA build of torch and a GPU")
+    prebuilt = os.environ.get(PREBUILT_ENV)
+    if prebuilt and _load_prebuilt(Path(prebuilt)):
+        return
+    _jit_build(build_directory=None, verbose=verbose)
+
+
+def _jit_build(build_directory: Path | None, verbose: bool) -> None:
     if find_nvcc() is None:
-        raise RuntimeError("the fused CUDA sampler needs nvcc (set CUDA_HOME)")
+        raise RuntimeError(f"the fused CUDA sampler needs nvcc (set CUDA_HOME) or a prebuilt library ({PREBUILT_ENV})")
     from torch.utils.cpp_extension import load
 
     load(
@@ -77,8 +93,56 @@ def load_extension(verbose: bool = False) -> None:
         extra_cuda_cflags=["-O3", "-lineinfo"],
         is_python_module=False,
         verbose=verbose,
+        build_directory=None if build_directory is None else str(build_directory),
     )
     _register_fake()
+
+
+def _this_build() -> dict[str, str | None]:
+    return {"torch": torch.__version__, "cuda": torch.version.cuda}
+
+
+def _load_prebuilt(library: Path) -> bool:
+    """Load a library from `build_library`; False (with a warning) when it is missing or built for another torch.
+
+    A library linked against another libtorch can crash when called, so the recorded build must match."""
+    built_for_path = library.parent / BUILT_FOR
+    try:
+        built_for = json.loads(built_for_path.read_text())
+    except (OSError, ValueError) as error:
+        logger.warning("prebuilt sampler ignored: no readable %s (%s)", built_for_path, error)
+        return False
+    if {key: built_for.get(key) for key in _this_build()} != _this_build():
+        logger.warning("prebuilt sampler ignored: built for %s, this is %s", built_for, _this_build())
+        return False
+    try:
+        torch.ops.load_library(str(library))
+    except OSError as error:  # a missing file, or a libcudart / libtorch this process does not have
+        logger.warning("prebuilt sampler %s did not load: %s", library, error)
+        return False
+    _register_fake()
+    logger.info("fused CUDA sampler loaded from %s", library)
+    return True
+
+
+def build_library(out_dir: Path, arch_list: str = "9.0+PTX", verbose: bool = False) -> Path:
+    """Build the library into `out_dir` for `arch_list` (TORCH_CUDA_ARCH_LIST syntax) and record this torch build.
+
+    Needs nvcc and a CUDA build of torch, not a GPU. Returns the library's path."""
+    if torch.version.cuda is None:
+        raise RuntimeError("building the fused sampler needs a CUDA build of torch (this one is CPU-only)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    previous = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list  # without a GPU, torch cannot ask which arch to build for
+    try:
+        _jit_build(build_directory=out_dir, verbose=verbose)
+    finally:
+        if previous is None:
+            del os.environ["TORCH_CUDA_ARCH_LIST"]
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = previous
+    (out_dir / BUILT_FOR).write_text(json.dumps({**_this_build(), "arch_list": arch_list}) + "\n")
+    return out_dir / f"{EXTENSION_NAME}.so"
 
 
 def _register_fake() -> None:
@@ -163,3 +227,20 @@ def compile_only(output: Path, arch: str = "sm_90", timeout_s: float = 600) -> P
     if completed.returncode != 0:
         raise RuntimeError(f"nvcc failed ({completed.returncode}):\n{completed.stderr[-4000:]}")
     return output
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build the fused CUDA sampler for another machine (no GPU needed).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="build the library and built_for.json into OUT_DIR")
+    build.add_argument("out_dir", type=Path)
+    build.add_argument("--arch-list", default="9.0+PTX", help="TORCH_CUDA_ARCH_LIST syntax (default: %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    library = build_library(args.out_dir, args.arch_list)
+    logger.info("built %s for torch %s, CUDA %s; set %s=%s", library, torch.__version__, torch.version.cuda,
+                PREBUILT_ENV, library)
+
+
+if __name__ == "__main__":
+    main()
