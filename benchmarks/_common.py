@@ -92,6 +92,23 @@ def median_s(benchmark: Any) -> float | None:
     return benchmark.stats.stats.median if benchmark.enabled and benchmark.stats is not None else None
 
 
+# A 16-bit kernel differs from the 16-bit reference by rounding, a few parts in a thousand of the largest
+# value; a wrong config or a broken kernel is off by order one. Accuracy itself is tested in tests/.
+WRONG_RESULT = 5e-2
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    return [value] if isinstance(value, torch.Tensor) else [t for t in value if isinstance(t, torch.Tensor)]
+
+
+def relative_error(actual: object, expected: object) -> float:
+    """max |actual - expected| / max |expected| over the outputs (or gradients): the worst one."""
+    pairs = zip(_tensors(actual), _tensors(expected), strict=True)
+    return max(
+        ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item() for a, b in pairs
+    )
+
+
 def env_list(name: str, default: str) -> list[str]:
     """A comma-separated environment variable (e.g. DUALTOWER_BENCH_FLAVORS=360m narrows a GPU run)."""
     return [item for item in os.environ.get(name, default).split(",") if item]

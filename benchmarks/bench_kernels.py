@@ -26,7 +26,17 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from _common import CUDA, DEVICE, device_name, extra_peak_gib, median_ms, median_s, synced
+from _common import (
+    CUDA,
+    DEVICE,
+    WRONG_RESULT,
+    device_name,
+    extra_peak_gib,
+    median_ms,
+    median_s,
+    relative_error,
+    synced,
+)
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from dualtower import ops
@@ -62,6 +72,18 @@ def _smoke_check(providers: Providers) -> None:
                 "speed figures (timed on CUDA only)")
 
 
+_errors: dict[tuple, float] = {}
+
+
+def _check_result(key: tuple, providers: Providers, fast: str) -> float:
+    """CUDA: the timed kernel against the reference, once per case. Autotuning picks its config at this shape,
+    and that config is the one timed; the tests check the configs they run, at their own shapes."""
+    if key not in _errors:
+        _errors[key] = relative_error(providers[fast](), providers["reference"]())
+    assert _errors[key] < WRONG_RESULT, f"{fast} differs from the reference: relative error {_errors[key]:.3g}"
+    return _errors[key]
+
+
 def _measure(benchmark, key: tuple, providers: Providers, provider: str, baselines: list[str],
              flops: float = 0.0, bytes_moved: float = 0.0, fast: str = "triton") -> None:
     """Time `provider`; on the `fast` entry also time each available baseline once per key and record ratios."""
@@ -69,6 +91,7 @@ def _measure(benchmark, key: tuple, providers: Providers, provider: str, baselin
         pytest.skip(f"{provider} is not available on {DEVICE.type}")
     if provider == "triton" and not CUDA:
         _smoke_check(providers)
+    error = _check_result(key, providers, fast) if provider == fast and CUDA else None
     run = synced(providers[provider])
     if provider != fast:  # a library baseline may lack a case here (e.g. a backward): say so, not fail
         _try_baseline(provider, run)
@@ -80,6 +103,8 @@ def _measure(benchmark, key: tuple, providers: Providers, provider: str, baselin
     info = benchmark.extra_info
     info.update(device=device_name(), provider=provider, role="fast" if provider == fast else "baseline", ms=ms,
                 peak_mem_gib=extra_peak_gib(run))
+    if error is not None:
+        info["rel_err_vs_reference"] = error
     if flops:
         info["tflops"] = flops / ms / 1e9
     if bytes_moved:

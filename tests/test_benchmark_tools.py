@@ -24,6 +24,20 @@ def _summarizer():
     return module
 
 
+def test_the_benchmarks_wrong_result_check_admits_rounding_and_catches_errors() -> None:
+    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "benchmarks" / "_common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    torch.manual_seed(0)
+    out, grad = torch.randn(4096, 64), torch.randn(300, 7)
+    assert common.relative_error((out, None, grad), (out.clone(), None, grad.clone())) == 0.0
+    rounded = (out.bfloat16(), grad.bfloat16())  # a bf16 kernel against an fp32 reference: rounding only
+    assert 0 < common.relative_error(rounded, (out, grad)) < common.WRONG_RESULT / 5
+    wrong = grad.clone()
+    wrong[17] = 0.0  # one row the kernel forgot
+    assert common.relative_error((out, wrong), (out, grad)) > common.WRONG_RESULT
+
+
 def _bench(name: str, group: str, median: float, **extra) -> dict:
     return {"name": name, "fullname": f"bench_x.py::{name}", "group": group, "stats": {"median": median},
             "extra_info": extra}
