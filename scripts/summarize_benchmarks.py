@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("benchmark", "median ms", "vs baseline", "tokens/s", "ms/token", "TFLOP/s", "GB/s", "MFU", "peak GiB")
+COLUMNS = (
+    "benchmark", "median ms", "vs baseline", "tokens/s", "ms/token", "TFLOP/s", "GB/s", "MFU", "peak GiB",
+    "rel err",  # the tuned kernel against the reference (kernel benchmarks on CUDA)
+)
 
 
 @dataclass
@@ -110,6 +113,7 @@ def _row(entry: Entry, fast_by_group: dict[str, Entry]) -> list[str]:
         _number(extra.get("gb_s")),
         f"{100 * mfu:.1f}%" if isinstance(mfu, int | float) else "",
         _number(extra.get("peak_mem_gib")),
+        _number(extra.get("rel_err_vs_reference"), 2),
     ]
     return [cell.replace("|", "/") for cell in cells]
 

@@ -60,7 +60,8 @@ def test_summary_table_ratios_throughput_and_deduplication(tmp_path: Path) -> No
         {"name": "test_step[dualtower]", "fullname": "bench_x.py::test_step[dualtower]", "group": "train 360m",
          "median_s": 9.9, "extra_info": {}},
         {"name": "test_decode[1]", "fullname": "bench_y.py::test_decode[1]", "group": "decode", "median_s": 0.2,
-         "extra_info": {"role": "fast", "ratio": 12.5, "baseline": "original_generate", "ms_per_token": 2.5}},
+         "extra_info": {"role": "fast", "ratio": 12.5, "baseline": "original_generate", "ms_per_token": 2.5,
+                        "rel_err_vs_reference": 0.00312}},
     ]
     (tmp_path / "run.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     table = summarize.summarize(summarize.load([tmp_path / "run.json", tmp_path / "run.jsonl"]))
@@ -70,6 +71,7 @@ def test_summary_table_ratios_throughput_and_deduplication(tmp_path: Path) -> No
     assert "3.00x vs original" in rows["test_step[dualtower]"] and "81,920" in rows["test_step[dualtower]"]
     assert "| 100.000 |" in rows["test_step[dualtower]"]  # the JSON's median, not the log's duplicate
     assert "12.50x vs original_generate" in rows["test_decode[1]"] and "| 2.5 |" in rows["test_decode[1]"]
+    assert rows["test_decode[1]"].endswith("| 0.0031 |") and rows["test_step[dualtower]"].endswith("| 20.5 |  |")
     assert "devices: H100" in table
     assert summarize.main([str(tmp_path / "missing.json")]) == 2
 
