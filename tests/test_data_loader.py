@@ -104,6 +104,13 @@ def test_resume_yields_exactly_the_uninterrupted_batches(tokenizer, debug_cfg, w
     assert max(w["epoch"] for w in resumed.state_dict()["workers"].values()) >= 1
 
 
+def test_workers_started_by_forkserver_yield_the_same_batches(tokenizer, debug_cfg):
+    """Python 3.14 makes forkserver the default on Linux: everything a worker needs must survive pickling."""
+    forked = take(build_loader(small_cfg(num_workers=2, worker_start_method="fork"), debug_cfg, tokenizer), 4)
+    served = take(build_loader(small_cfg(num_workers=2, worker_start_method="forkserver"), debug_cfg, tokenizer), 4)
+    assert all(same(a, b) for a, b in zip(forked, served, strict=True))
+
+
 def test_state_of_another_setup_is_refused(tokenizer, debug_cfg):
     loader = build_loader(small_cfg(), debug_cfg, tokenizer)
     take(loader, 1)
@@ -223,6 +230,8 @@ def test_config_validation():
         DataConfig(max_sample_tokens=9000).validate()
     with pytest.raises(ConfigError, match="question_types"):
         DataConfig(synthetic=SyntheticConfig(question_types=("colour",))).validate()
+    with pytest.raises(ConfigError, match="worker_start_method"):
+        DataConfig(worker_start_method="thread").validate()
     with pytest.raises(ConfigError, match="unknown key"):
         DataConfig.from_dict({"sauce": "synthetic"})
     cfg = DataConfig.from_dict({"source": "cauldron", "synthetic": {"difficulty": "hard"}, "cauldron_configs": ["a"]})

@@ -64,6 +64,9 @@ class DataConfig:
     num_workers: int = 2
     prefetch_factor: int = 2
     pin_memory: bool = True  # only when CUDA is available
+    # How worker processes start: "" = Python's default ("fork" on Linux before 3.14, which 3.12+ warns about
+    # in a multithreaded process), or "fork", "forkserver", "spawn" (the last two cost seconds per worker).
+    worker_start_method: str = ""
     seed: int = 42
     max_sample_tokens: int = 0  # longer samples are truncated (whole turns first); 0 = max_tokens_per_row
     max_images_per_sample: int = 10  # the original's max_images_per_example
@@ -84,6 +87,10 @@ class DataConfig:
         _require(self.max_wait_batches >= 1, "data.max_wait_batches must be >= 1")
         _require(self.num_workers >= 0, "data.num_workers must be >= 0")
         _require(self.prefetch_factor >= 1, "data.prefetch_factor must be >= 1")
+        _require(
+            self.worker_start_method in ("", "fork", "forkserver", "spawn"),
+            "data.worker_start_method must be '', 'fork', 'forkserver' or 'spawn'",
+        )
         _require(0.0 <= self.val_ratio < 1.0, "data.val_ratio must be in [0, 1)")
         _require(self.max_sample_tokens >= 0, "data.max_sample_tokens must be >= 0 (0 = max_tokens_per_row)")
         _require(

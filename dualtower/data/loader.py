@@ -88,6 +88,7 @@ class Loader:
             pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
             prefetch_factor=self.cfg.prefetch_factor if workers else None,
             worker_init_fn=_init_worker if workers else None,
+            multiprocessing_context=(self.cfg.worker_start_method or None) if workers else None,
         )
         for batch, state in loader:
             self._states[state.pop("worker")] = state
