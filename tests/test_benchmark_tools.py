@@ -76,21 +76,28 @@ def test_summary_table_ratios_throughput_and_deduplication(tmp_path: Path) -> No
     assert summarize.main([str(tmp_path / "missing.json")]) == 2
 
 
-def test_benchmark_log_keeps_each_finished_benchmark(tmp_path: Path) -> None:
-    """benchmarks/conftest.py appends a JSON line per benchmark as it ends (what a timed-out run keeps)."""
+def _run_bench_file(tmp_path: Path, source: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `source` as a bench file beside copies of benchmarks/conftest.py and _common.py."""
     for name in ("conftest.py", "_common.py"):
         shutil.copy(ROOT / "benchmarks" / name, tmp_path / name)
-    (tmp_path / "bench_tiny.py").write_text(
+    (tmp_path / "bench_file.py").write_text(source)
+    command = [sys.executable, "-m", "pytest", str(tmp_path / "bench_file.py"), "-q", "-p", "no:cacheprovider",
+               "-o", "python_files=bench_*.py", "--rootdir", str(tmp_path), "-c", os.devnull, *args]
+    return subprocess.run(command, cwd=tmp_path, env={**os.environ, **(env or {})}, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_benchmark_log_keeps_each_finished_benchmark(tmp_path: Path) -> None:
+    """benchmarks/conftest.py appends a JSON line per benchmark as it ends (what a timed-out run keeps)."""
+    log = tmp_path / "results.jsonl"
+    done = _run_bench_file(
+        tmp_path,
         "def test_tiny(benchmark):\n"
         "    benchmark.group = 'tiny'\n"
         "    benchmark.pedantic(sum, args=(range(100),), rounds=3)\n"
-        "    benchmark.extra_info.update(role='fast', ratio=2.0, baseline='slow', tokens_per_s=5.0)\n"
+        "    benchmark.extra_info.update(role='fast', ratio=2.0, baseline='slow', tokens_per_s=5.0)\n",
+        env={"DUALTOWER_BENCH_LOG": str(log)},
     )
-    log = tmp_path / "results.jsonl"
-    env = {**os.environ, "DUALTOWER_BENCH_LOG": str(log)}
-    command = [sys.executable, "-m", "pytest", str(tmp_path / "bench_tiny.py"), "-q", "-p", "no:cacheprovider",
-               "-o", "python_files=bench_*.py", "--rootdir", str(tmp_path), "-c", os.devnull]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     (record,) = [json.loads(line) for line in log.read_text().splitlines()]
     assert record["name"] == "test_tiny" and record["group"] == "tiny" and record["rounds"] == 3
@@ -102,9 +109,9 @@ def test_benchmark_log_keeps_each_finished_benchmark(tmp_path: Path) -> None:
 def test_a_run_cut_short_still_writes_the_finished_benchmarks_json(tmp_path: Path) -> None:
     """gpu_check stops a stage with SIGINT at its time limit. The benchmark it interrupts has no rounds, and
     pytest-benchmark's JSON writer fails on such an entry, which would lose the whole stage's JSON."""
-    for name in ("conftest.py", "_common.py"):
-        shutil.copy(ROOT / "benchmarks" / name, tmp_path / name)
-    (tmp_path / "bench_cut.py").write_text(
+    output = tmp_path / "stage.json"
+    done = _run_bench_file(
+        tmp_path,
         "def test_finished(benchmark):\n"
         "    benchmark.pedantic(sum, args=(range(100),), rounds=2)\n"
         "\n"
@@ -112,13 +119,9 @@ def test_a_run_cut_short_still_writes_the_finished_benchmarks_json(tmp_path: Pat
         "    raise KeyboardInterrupt  # what the stage's SIGINT raises in the first round\n"
         "\n"
         "def test_interrupted(benchmark):\n"
-        "    benchmark.pedantic(interrupted, rounds=2)\n"
+        "    benchmark.pedantic(interrupted, rounds=2)\n",
+        f"--benchmark-json={output}",
     )
-    output = tmp_path / "stage.json"
-    command = [sys.executable, "-m", "pytest", str(tmp_path / "bench_cut.py"), "-q", "-p", "no:cacheprovider",
-               "-o", "python_files=bench_*.py", "--rootdir", str(tmp_path), "-c", os.devnull,
-               f"--benchmark-json={output}"]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stdout + done.stderr  # pytest's "interrupted"
     assert "min() iterable argument is empty" not in done.stdout + done.stderr
     names = [bench["name"] for bench in json.loads(output.read_text())["benchmarks"]]
