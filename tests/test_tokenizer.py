@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from transformers import AutoTokenizer
 
 from dualtower import tokenizer as tokmod
 from dualtower.model.config import extra_tokens
@@ -118,8 +119,6 @@ def test_saved_tokenizer_dir_from_the_environment_comes_after_the_checkpoint(mon
 def test_special_tokens_come_from_the_gguf_metadata(tokenizer, tmp_path):
     # transformers 5.17 (the GPU machine's) converts the GGUF with eos = <|im_start|>; the metadata says id 2.
     tokenizer.save_pretrained(tmp_path)
-    from transformers import AutoTokenizer
-
     broken = AutoTokenizer.from_pretrained(tmp_path)
     broken.eos_token = broken.unk_token = "<|im_start|>"
     tokmod._set_gguf_special_tokens(broken, find_smollm2_gguf())
