@@ -8,6 +8,7 @@ from model_helpers import original_text_hidden, random_batch
 
 from dualtower.model import DualTowerVLM
 from dualtower.model.config import LMConfig, ModelConfig, VisionConfig, flavor
+from dualtower.model.language import RotaryEmbedding
 
 
 def tiny_config(n_heads: int = 6, n_kv_heads: int = 2) -> ModelConfig:
@@ -126,3 +127,32 @@ def test_flavor_parameter_counts_on_meta(name: str, expected: int) -> None:
     model = DualTowerVLM.from_flavor(name, device="meta")
     assert model.num_parameters() == expected
     assert next(model.parameters()).is_meta
+
+
+@pytest.mark.parametrize("convert", ["to_bfloat16", "half", "meta_to_empty"])
+def test_rope_angles_keep_full_precision_through_module_conversions(convert: str) -> None:
+    """bf16 would round positions above 256 and every frequency (radians of error at 4096): Module.to, half()
+    and deferred init must all leave fp32 angles that match an independent fp64 computation."""
+    head_dim, theta, positions = 64, 100000.0, torch.arange(4096)
+    with torch.device("meta" if convert == "meta_to_empty" else "cpu"):
+        rotary = RotaryEmbedding(head_dim, theta)
+    if convert == "meta_to_empty":
+        rotary.to_empty(device="cpu")
+    else:
+        rotary = rotary.to(torch.bfloat16) if convert == "to_bfloat16" else rotary.half()
+    cos, sin = rotary(positions)
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
+    angles = positions.double()[:, None] * theta**-exponents
+    angles = torch.cat([angles, angles], dim=-1)
+    assert cos.dtype == sin.dtype == torch.float32
+    # fp32 rounds an angle near 4096 rad to 2.4e-4; bf16 angles are off by whole radians.
+    torch.testing.assert_close(cos.double(), angles.cos(), rtol=0, atol=2e-3)
+    torch.testing.assert_close(sin.double(), angles.sin(), rtol=0, atol=2e-3)
+
+
+def test_bfloat16_model_keeps_fp32_rope_buffers() -> None:
+    model = DualTowerVLM.from_flavor("debug").to(torch.bfloat16)
+    assert {name: buffer.dtype for name, buffer in model.named_buffers()} == {
+        "left_decoder.rotary.inv_freq": torch.float32,
+        "right_decoder.rotary.inv_freq": torch.float32,
+    }

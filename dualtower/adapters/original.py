@@ -17,6 +17,7 @@ from torch import Tensor
 
 from dualtower.adapters.common import CheckpointError
 from dualtower.model.config import ConfigError, ImageConfig, LMConfig, ModelConfig, VisionConfig, extra_tokens
+from dualtower.model.language import inverse_frequencies
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +125,7 @@ def detect_layout(tensors: dict[str, Tensor]) -> str:
 
 
 def _check_inv_freq(name: str, tensor: Tensor, lm: LMConfig) -> None:
-    dims = torch.arange(0, lm.head_dim, 2, dtype=torch.float32) / lm.head_dim
-    expected = 1.0 / lm.rope_theta**dims
+    expected = inverse_frequencies(lm.head_dim, lm.rope_theta)
     if tensor.shape != expected.shape or not torch.allclose(tensor.float(), expected, rtol=1e-5):
         raise CheckpointError(f"{name} does not match rope_theta {lm.rope_theta} and head_dim {lm.head_dim}")
 

@@ -40,15 +40,32 @@ class RMSNorm(nn.Module):
         return normed.to(x.dtype) * self.weight
 
 
+def inverse_frequencies(head_dim: int, theta: float, device: torch.device | str | None = None) -> Tensor:
+    """(D/2,) RoPE frequencies theta^(-2i/D), computed in fp32 as the original and transformers' Llama do."""
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+
+
 class RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE; cos/sin are computed per token from explicit positions (packing restarts them)."""
+    """Rotate-half RoPE; cos/sin are computed per token from explicit positions (packing restarts them).
+
+    The angles are fp32 (fp64 in a float64 model), never lower: in bf16, positions above 256 are no longer
+    integers and each frequency is off by up to 2^-9 of itself, radians of error at position 4096.
+    """
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", inverse_frequencies(head_dim, theta), persistent=False)
 
-    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:  # (N,) -> cos, sin (N, D) fp32
+    def _apply(self, fn, recurse: bool = True):
+        # Module.to(bfloat16) / half() / to_empty() would round or drop the frequencies; they are constants, so
+        # after any conversion they are rebuilt on the buffer's new device, in fp32 or fp64.
+        super()._apply(fn, recurse)
+        dtype = torch.float64 if self.inv_freq.dtype == torch.float64 else torch.float32
+        self.inv_freq = inverse_frequencies(self.head_dim, self.theta, self.inv_freq.device).to(dtype)
+        return self
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:  # (N,) -> cos, sin (N, D) fp32 or fp64
         freqs = positions.to(self.inv_freq.dtype)[:, None] * self.inv_freq[None, :]
         angles = torch.cat([freqs, freqs], dim=-1)
         return angles.cos(), angles.sin()
