@@ -50,8 +50,10 @@ def prefix_attention_reference(
             scale=scale,
         )
         outputs.append(out.squeeze(0).transpose(0, 1))
-    # Padding rows after the last document attend to nothing: zeros, as the kernels write.
-    outputs.append(q.new_zeros((docs.text_sizes[-1], *q.shape[1:])))
+    # Padding rows after the last document attend to nothing: zeros, as the kernels write. Like the kernels'
+    # outputs they stay in q's graph (a zero gradient rather than none), also when no document has text.
+    padding = docs.q[-1]
+    outputs.append(torch.where(torch.zeros((), dtype=torch.bool, device=q.device), padding, 0))
     return torch.cat(outputs)
 
 

@@ -156,3 +156,20 @@ def test_bfloat16_model_keeps_fp32_rope_buffers() -> None:
         "left_decoder.rotary.inv_freq": torch.float32,
         "right_decoder.rotary.inv_freq": torch.float32,
     }
+
+
+def test_text_only_batch_with_blank_tile_gives_every_parameter_a_gradient() -> None:
+    """encode_blank_tile_without_images: the same output, and a gradient (zeros for the vision side) for every
+    parameter the forward can use, as sharded training needs on a rank whose micro-batch has no image."""
+    model = _build(tiny_config())
+    batch = random_batch(model, [(0, 0, 5), (0, 0, 3)], torch.Generator().manual_seed(3))
+    batch.pixel_values = batch.pixel_values.double()
+    skipped = model(batch)
+    model.encode_blank_tile_without_images = True
+    with_blank = model(batch)
+    torch.testing.assert_close(with_blank, skipped, rtol=0, atol=0)
+    model.loss_sum(batch).backward()
+    unused = {id(p) for p in model.unused_parameters()}
+    missing = [name for name, p in model.named_parameters() if id(p) not in unused and p.grad is None]
+    assert missing == []
+    assert model.vision_encoder.patch_embedding.conv.weight.grad.abs().max() == 0

@@ -84,3 +84,13 @@ def test_checkpoint_resumes_on_another_world_size(runs, source: str, nproc: int,
     assert sorted(resumed) == list(range(11, STEPS + 1))
     for step in resumed:
         assert resumed[step] == pytest.approx(reference[step], abs=1e-4), step
+
+
+def test_fsdp_ranks_without_images_still_gather_the_vision_tower(tmp_path: Path) -> None:
+    """One rank's micro-batch has no image (data.allow_text_only): both ranks must still run the sharded
+    vision tower, and the reduced gradients must equal one unsharded model's over both micro-batches."""
+    worker = Path(__file__).with_name("fsdp_text_only_worker.py")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = subprocess_env() | {"PYTHONPATH": str(worker.parent)}
+    done = subprocess.run([*torchrun, str(worker)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]

@@ -37,6 +37,11 @@ class DualTowerVLM(nn.Module):
         self.projector = Projector(cfg.vision.hidden_dim, cfg.lm.hidden_dim, cfg.image.pixel_shuffle_factor)
         self.left_decoder = LanguageModel(cfg.lm)
         self.right_decoder = LanguageModel(cfg.lm) if cfg.architecture == "dual_tower" else None
+        # When set, a batch without images still runs the vision tower and projector, on one blank tile whose
+        # features are dropped: every call then runs the same modules and gives every vision parameter a (zero)
+        # gradient. Wrappers that gather a module's weights collectively inside its forward (sharded data
+        # parallelism) need that; skipping the tower is cheaper otherwise.
+        self.encode_blank_tile_without_images = False
 
     @classmethod
     def from_flavor(cls, name: str, device: torch.device | str = "cpu") -> DualTowerVLM:
@@ -97,9 +102,12 @@ class DualTowerVLM(nn.Module):
     def prefix_embeddings(self, batch: PackedBatch) -> Tensor:
         """Left-tower token embeddings of the prefixes with image features in place of the placeholders."""
         embeddings = self.left_decoder.token_embedding(batch.prefix_ids)  # (Np, C)
-        if batch.pixel_values.shape[0] == 0:
-            return embeddings
-        image_features = self.encode_images(batch.pixel_values).flatten(0, 1)  # (I, C)
+        pixels = batch.pixel_values
+        if pixels.shape[0] == 0:
+            if not self.encode_blank_tile_without_images:
+                return embeddings
+            pixels = pixels.new_zeros((1, *pixels.shape[1:]))
+        image_features = self.encode_images(pixels).flatten(0, 1)[: batch.image_token_index.shape[0]]  # (I, C)
         return embeddings.index_copy(0, batch.image_token_index, image_features.to(embeddings.dtype))
 
     def prefix_kv(self, batch: PackedBatch) -> list[KV]:

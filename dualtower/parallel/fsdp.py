@@ -26,6 +26,9 @@ def apply_fsdp(
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     kwargs = {"mesh": mesh, "mp_policy": policy, "reshard_after_forward": reshard_after_forward}
+    # Each unit all-gathers its weights in its own forward, so every rank must call the vision tower, even on a
+    # micro-batch without images (data.allow_text_only): the model then encodes one blank tile.
+    model.encode_blank_tile_without_images = True
     fully_shard(model.vision_encoder, **kwargs)
     for decoder in (model.left_decoder, model.right_decoder):
         if decoder is None:
