@@ -222,6 +222,30 @@ def _resolve(op: str, device: torch.device) -> Callable[..., Tensor]:
 # ------------------------------------------------------------------------------------------------------------
 
 
+def _autocast_like_a_matmul(op: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Under autocast, cast the op's floating-point tensors to the autocast dtype, as autocast casts a matmul's
+    inputs, then run the op with autocast off.
+
+    Autocast does not reach into a custom op's inputs, so without this an op would get a mix (bf16 from the
+    linear layers before it, fp32 from the residual stream or the weights) while autocast still applied to the
+    matmuls inside it. Single-device training runs under bf16 autocast with fp32 weights.
+    """
+
+    @functools.wraps(op)
+    def run(*args, **kwargs) -> Tensor:
+        device = args[0].device.type
+        if not torch.is_autocast_enabled(device):
+            return op(*args, **kwargs)
+        dtype = torch.get_autocast_dtype(device)
+        args = tuple(a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
+        with torch.autocast(device, enabled=False):
+            return op(*args, **kwargs)
+
+    return run
+
+
+
+@_autocast_like_a_matmul
 def prefix_attention(
     q: Tensor,
     k: Tensor,
@@ -255,6 +279,7 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return scaled_dot_product_attention(q, k, v)
 
 
+@_autocast_like_a_matmul
 def decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, scale: float | None = None
 ) -> Tensor:
@@ -262,11 +287,13 @@ def decode_attention(
     return _resolve("decode_attention", q.device)(q, k_cache, v_cache, lengths, scale)
 
 
+@_autocast_like_a_matmul
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
     """Sum over supervised tokens of CE(hidden @ weight.T, labels), in at least fp32; hidden (N, C), weight (V, C)."""
     return _resolve("linear_cross_entropy", hidden.device)(hidden, weight, labels, ignore_index)
 
 
+@_autocast_like_a_matmul
 def pixel_shuffle_project(x: Tensor, weight: Tensor, factor: int) -> Tensor:
     """Pixel shuffle (N, S, C) -> (N, S / f^2, C f^2) then a bias-free linear layer with weight (O, C f^2)."""
     return _resolve("pixel_shuffle_project", x.device)(x, weight, factor)

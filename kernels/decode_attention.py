@@ -134,7 +134,7 @@ def decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Te
         raise ValueError(f"bad decode shapes: q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)  # contiguous, as the fake says, whatever q's layout
     if rows == 0 or capacity == 0:
         return out.zero_()
     group = q_heads // kv_heads
@@ -159,7 +159,7 @@ def decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Te
 
 @decode_attention_op.register_fake
 def _(q, k_cache, v_cache, lengths, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)
 
 
 def decode_attention(

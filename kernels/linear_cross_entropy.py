@@ -150,6 +150,10 @@ def linear_cross_entropy_fwd(
         check_triton_device(hidden, weight)
     ce_rows = _ce_rows_triton if triton_rows else _ce_rows_torch
     hidden, weight = hidden.contiguous(), weight.contiguous()
+    # The Triton row pass would read another row's logit for a label outside the vocabulary; F.cross_entropy
+    # raises. Asynchronous on CUDA (a device-side assert, as F.cross_entropy's), immediate on the CPU.
+    in_vocab = (labels >= 0) & (labels < weight.shape[0])
+    torch._assert_async((in_vocab | (labels == ignore_index)).all(), "labels must be ignore_index or in [0, vocab)")
     # One host sync: work only on supervised rows (often a minority of the text tokens).
     rows = (labels != ignore_index).nonzero().squeeze(1)
     need_grad = need_d_hidden or need_d_weight
@@ -181,8 +185,9 @@ def linear_cross_entropy_fwd(
 @linear_cross_entropy_fwd.register_fake
 def _(hidden, weight, labels, ignore_index, need_d_hidden, need_d_weight, chunk_rows, triton_rows):
     loss = hidden.new_empty((), dtype=_loss_dtype(hidden.dtype))
-    d_hidden = torch.empty_like(hidden) if need_d_hidden else hidden.new_empty(0)
-    d_weight = torch.empty_like(weight) if need_d_weight else weight.new_empty(0)
+    # Contiguous like the real outputs, which are computed from contiguous copies of the inputs.
+    d_hidden = hidden.new_empty(hidden.shape) if need_d_hidden else hidden.new_empty(0)
+    d_weight = weight.new_empty(weight.shape) if need_d_weight else weight.new_empty(0)
     return loss, d_hidden, d_weight
 
 

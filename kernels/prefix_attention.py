@@ -221,7 +221,8 @@ def prefix_attention_fwd(
 
 @prefix_attention_fwd.register_fake
 def _(q, k, v, k_prefix, v_prefix, cu_text, cu_prefix, max_text_len, max_prefix_len, scale):
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    # Contiguous like the real outputs, which are computed from contiguous copies of the inputs.
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("dualtower::prefix_attention_bwd", mutates_args=())
@@ -256,7 +257,7 @@ def prefix_attention_bwd(
 
 @prefix_attention_bwd.register_fake
 def _(grad_out, q, k, v, k_prefix, v_prefix, out, lse, cu_text, cu_prefix, max_text_len, max_prefix_len, scale):
-    return tuple(torch.empty_like(t) for t in (q, k, v, k_prefix, v_prefix))
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, k_prefix, v_prefix))
 
 
 def _setup_context(ctx, inputs, output) -> None:

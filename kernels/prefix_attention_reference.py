@@ -146,7 +146,7 @@ def _reference_fwd(
 
 @_reference_fwd.register_fake
 def _(q, k, v, k_prefix, v_prefix, cu_text, cu_prefix, max_text_len, max_prefix_len, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # torch.cat's output: contiguous
 
 
 @torch.library.custom_op("dualtower::prefix_attention_reference_bwd", mutates_args=())
@@ -159,7 +159,7 @@ def _reference_bwd(
 
 @_reference_bwd.register_fake
 def _(grad_out, q, k, v, k_prefix, v_prefix, cu_text, cu_prefix, scale):
-    return tuple(torch.empty_like(t) for t in (q, k, v, k_prefix, v_prefix))
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, k_prefix, v_prefix))
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -252,8 +252,9 @@ def pixel_shuffle_project_bwd(
 
 @pixel_shuffle_project_bwd.register_fake
 def _(grad_out, x, weight, factor, need_dx, need_dw):
-    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
-    dw = torch.empty_like(weight) if need_dw else weight.new_empty(0)
+    # Contiguous like the real outputs, which are computed from contiguous copies of the inputs.
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    dw = weight.new_empty(weight.shape) if need_dw else weight.new_empty(0)
     return dx, dw
 
 

@@ -111,6 +111,14 @@ def random_packing(
     return text_lens, prefix_lens
 
 
+def other_layout(t: Tensor) -> Tensor:
+    """The same values with the first two dimensions swapped in memory (a non-contiguous view), grad as t."""
+    if t.dim() < 2:
+        return t
+    swapped = t.detach().transpose(0, 1).contiguous().transpose(0, 1)
+    return swapped.requires_grad_(t.requires_grad)
+
+
 def max_error(actual: Tensor, expected: Tensor) -> float:
     return (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
 

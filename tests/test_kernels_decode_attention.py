@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dualtower_kernels.decode_attention import decode_attention, decode_attention_op, decode_attention_reference
-from dualtower_kernels.testing import assert_close, assert_error_within, eager_low_precision
+from dualtower_kernels.testing import assert_close, assert_error_within, eager_low_precision, other_layout
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
@@ -40,9 +40,10 @@ def test_strided_cache_view_and_scale() -> None:
     assert_close(ours, expected, atol=1e-5, rtol=1e-5, name="out")
 
 
-def test_opcheck() -> None:
+@pytest.mark.parametrize("layout", [lambda t: t, other_layout], ids=["contiguous", "strided"])
+def test_opcheck(layout) -> None:
     k_cache, v_cache = _cache(2, 1, 20, 16)
-    args = (torch.randn(2, 3, 16), k_cache, v_cache, torch.tensor([20, 3]), 0.25)
+    args = (layout(torch.randn(2, 3, 16)), layout(k_cache), layout(v_cache), torch.tensor([20, 3]), 0.25)
     torch.library.opcheck(decode_attention_op, args, test_utils=("test_schema", "test_faketensor"))
 
 

@@ -14,7 +14,7 @@ from dualtower_kernels.linear_cross_entropy import (
     linear_cross_entropy_fwd,
     linear_cross_entropy_reference,
 )
-from dualtower_kernels.testing import assert_close, assert_error_within
+from dualtower_kernels.testing import assert_close, assert_error_within, other_layout
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 IGNORE = -100
@@ -81,9 +81,10 @@ def test_torch_rows_bf16_logits_within_twice_pytorch() -> None:
         assert_error_within(a, t, e, name=name)
 
 
+@pytest.mark.parametrize("layout", [lambda t: t, other_layout], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("triton_rows", [True, False], ids=["triton_rows", "torch_rows"])
-def test_opcheck(triton_rows: bool) -> None:
-    hidden, weight, labels = _problem(9, 16, 40)
+def test_opcheck(triton_rows: bool, layout) -> None:
+    hidden, weight, labels = (layout(t) for t in _problem(9, 16, 40))
     torch.library.opcheck(linear_cross_entropy_fwd, (hidden, weight, labels, IGNORE, True, True, 4, triton_rows))
 
 
@@ -129,3 +130,13 @@ def test_row_passes_agree_on_ignored_rows() -> None:
         expected = torch.where(labels != IGNORE, -log_probs.gather(1, labels.clamp(min=0)[:, None]).squeeze(1), 0.0)
         assert_close(losses, expected, atol=1e-5, rtol=1e-5, name=f"{row_pass.__name__} losses")
         assert_close(chunk, expected_grad, atol=1e-5, rtol=1e-5, name=f"{row_pass.__name__} dlogits")
+
+
+@pytest.mark.parametrize("label", [10, 13, -5], ids=["vocab", "beyond", "negative"])
+@pytest.mark.parametrize("triton_rows", [True, False], ids=["triton_rows", "torch_rows"])
+def test_labels_outside_the_vocabulary_raise(label: int, triton_rows: bool) -> None:
+    """Like F.cross_entropy; the Triton row pass would otherwise read a neighbouring row's logit."""
+    hidden, weight = torch.randn(4, 8), torch.randn(10, 8)
+    labels = torch.tensor([label, 2, 3, IGNORE])
+    with pytest.raises(RuntimeError, match="ignore_index or in"):
+        linear_cross_entropy_fwd(hidden, weight, labels, IGNORE, False, False, 4, triton_rows)

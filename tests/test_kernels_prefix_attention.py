@@ -25,6 +25,7 @@ from dualtower_kernels.testing import (
     assert_close,
     assert_error_within,
     eager_low_precision,
+    other_layout,
     packed_attention,
     random_packing,
 )
@@ -71,9 +72,10 @@ def test_no_text_at_all() -> None:
     assert torch.equal(grads[0], torch.zeros_like(batch.k_prefix))
 
 
-def test_opcheck() -> None:
+@pytest.mark.parametrize("layout", [lambda t: t, other_layout], ids=["contiguous", "strided"])
+def test_opcheck(layout) -> None:
     batch = packed_attention([3, 2], [2, 0], 2, 1, 16)
-    args = (*batch.args, 0.25)
+    args = (*(layout(a) if isinstance(a, torch.Tensor) else a for a in batch.args), 0.25)
     torch.library.opcheck(prefix_attention_fwd, args)
     out, lse = prefix_attention_fwd(*args)
     detached = [t.detach() for t in batch.leaves]
@@ -110,9 +112,11 @@ def test_reference_op_compiles_once_for_any_document_count() -> None:
     assert counter.frame_count == 1
 
 
-def test_reference_ops_opcheck() -> None:
+@pytest.mark.parametrize("layout", [lambda t: t, other_layout], ids=["contiguous", "strided"])
+def test_reference_ops_opcheck(layout) -> None:
     batch = packed_attention([3, 2], [2, 0], 2, 1, 16)
-    torch.library.opcheck(torch.ops.dualtower.prefix_attention_reference, (*batch.args, 0.25))
+    args = (*(layout(a) if isinstance(a, torch.Tensor) else a for a in batch.args), 0.25)
+    torch.library.opcheck(torch.ops.dualtower.prefix_attention_reference, args)
     detached = [t.detach() for t in batch.leaves]
     bwd_args = (torch.randn_like(batch.q), *detached, batch.cu_text, batch.cu_prefix, None)
     torch.library.opcheck(torch.ops.dualtower.prefix_attention_reference_bwd, bwd_args)

@@ -11,7 +11,7 @@ from dualtower_kernels.projector import (
     pixel_shuffle_project_op,
     pixel_shuffle_project_reference,
 )
-from dualtower_kernels.testing import assert_close, assert_error_within
+from dualtower_kernels.testing import assert_close, assert_error_within, other_layout
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
@@ -57,9 +57,10 @@ def test_rejects_bad_grid() -> None:
         pixel_shuffle_project(torch.randn(1, 15, 8), torch.randn(4, 32), 2)
 
 
-def test_opcheck() -> None:
-    x = torch.randn(2, 16, 16, requires_grad=True)
-    weight = torch.randn(12, 64, requires_grad=True)
+@pytest.mark.parametrize("layout", [lambda t: t, other_layout], ids=["contiguous", "strided"])
+def test_opcheck(layout) -> None:
+    x = layout(torch.randn(2, 16, 16, requires_grad=True))
+    weight = layout(torch.randn(12, 64, requires_grad=True))
     torch.library.opcheck(pixel_shuffle_project_op, (x, weight, 2))
     bwd_args = (torch.randn(2, 4, 12), x.detach(), weight.detach(), 2, True, True)
     torch.library.opcheck(pixel_shuffle_project_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))

@@ -211,3 +211,48 @@ def test_gpu_attention_backends_within_twice_pytorch(backend: str) -> None:
     ours = run(batch, torch.bfloat16, ops.prefix_attention)
     for name, a, t, e in zip(("out", "dq", "dk", "dv", "dkp", "dvp"), ours, theirs, expected, strict=True):
         assert_error_within(a, t, e, name=f"{backend} {name}")
+
+
+def _autocast_model_and_batch():
+    from model_helpers import random_batch
+
+    from dualtower.model import DualTowerVLM
+    from dualtower.model.config import VisionConfig, flavor
+
+    cfg = flavor("debug")
+    cfg.vision = VisionConfig(image_size=32, patch_size=8, hidden_dim=16, inter_dim=32, n_heads=2, n_blocks=1)
+    cfg.lm = LMConfig(hidden_dim=48, inter_dim=64, n_heads=6, n_kv_heads=2, n_blocks=2, base_vocab_size=200)
+    model = DualTowerVLM.from_config(cfg.validate())
+    for param in model.unused_parameters():
+        param.requires_grad_(False)
+    # An image document, a text-only one (the left tower's causal pass over an empty prefix) and a 1-token text.
+    return model, random_batch(model, [(1, 2, 7), (0, 0, 5), (1, 0, 1)], torch.Generator().manual_seed(5))
+
+
+def _loss_and_grads(model, batch, backend: str, autocast: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    ops.set_backend(backend)
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model.loss_sum(batch)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("backend", ["triton", "chunked"])
+def test_training_step_under_bf16_autocast(backend: str) -> None:
+    """Single-device training runs under bf16 autocast with fp32 weights: the ops get bf16 activations next to
+    fp32 weights and fp32 empty prefixes. Ours must run and be as close to the fp32 truth as the reference
+    backend under the same autocast: twice its error (the FlashAttention convention) plus two bf16 units of
+    roundoff (2^-7), since the kernels round attention probabilities and their gradients to bf16 before the
+    matmuls, as FlashAttention does and the CPU reference does not."""
+    model, batch = _autocast_model_and_batch()
+    true_loss, true_grads = _loss_and_grads(model, batch, "reference", autocast=False)
+    ref_loss, ref_grads = _loss_and_grads(model, batch, "reference", autocast=True)
+    loss, grads = _loss_and_grads(model, batch, backend, autocast=True)
+    assert loss.dtype == torch.float32
+    assert (loss - true_loss).abs() <= 2 * (ref_loss - true_loss).abs() + 1e-3 * true_loss.abs()
+    assert len(grads) == len(true_grads)
+    for ours, ref, truth in zip(grads, ref_grads, true_grads, strict=True):
+        scale = truth.abs().max().clamp_min(1e-12)
+        ours_err, ref_err = ((ours - truth).abs().max() / scale), ((ref - truth).abs().max() / scale)
+        assert ours_err <= 2 * ref_err + 2**-7, (ours_err.item(), ref_err.item())
