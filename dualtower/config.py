@@ -10,8 +10,10 @@ exits non-zero without a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -176,11 +178,11 @@ def _validate_sections(cfg: JobConfig) -> None:
     _check(all(s > 0 for s in m.image_std), "model.image_std must be positive")
     lrs = {"lr_vision": o.lr_vision, "lr_projector": o.lr_projector, "lr_left": o.lr_left, "lr_right": o.lr_right}
     for key, lr in lrs.items():
-        _check(lr >= 0, f"optim.{key} must be >= 0, got {lr}")
+        _check(math.isfinite(lr) and lr >= 0, f"optim.{key} must be a finite number >= 0, got {lr}")
     _check(any(lr > 0 for lr in lrs.values()), "every optim.lr_* is 0: nothing would train")
-    _check(o.weight_decay >= 0, "optim.weight_decay must be >= 0")
+    _check(math.isfinite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay must be a finite number >= 0")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas must be two numbers in [0, 1)")
-    _check(o.eps > 0, "optim.eps must be > 0")
+    _check(math.isfinite(o.eps) and o.eps > 0, "optim.eps must be a finite number > 0")
     _one_of(o.implementation, ("auto", "fused", "foreach"), "optim.implementation")
     _one_of(s.kind, ("cosine", "constant"), "schedule.kind")
     _check(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio must be in [0, 1]")
@@ -280,7 +282,11 @@ def _merge(obj: Any, table: dict[str, Any], where: str) -> Any:
 
 
 def _parse_text(text: str, hint: Any, key: str) -> Any:
-    """A command-line string -> a typed value for the field `key` (TOML syntax for lists and quoted strings)."""
+    """A command-line string -> a typed value for the field `key`.
+
+    TOML syntax, with the brackets of a list optional (`0.9,0.95`); a list of strings also takes unquoted
+    comma-separated words (`ai2d,chartqa`); a number also takes Python's float syntax (`.5`).
+    """
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType) and text.lower() in ("none", "null"):
         return None
@@ -292,11 +298,28 @@ def _parse_text(text: str, hint: Any, key: str) -> Any:
         _check(lowered in known, f"{key} expects true or false, got {text!r}")
         return lowered in ("true", "1", "yes", "on")
     if origin in (tuple, list) and not text.lstrip().startswith("["):
+        if _holds_strings(hint) and not any(quote in text for quote in "'\""):
+            return _comma_list(text)  # --data.cauldron_configs=ai2d,chartqa (unquoted words)
         text = "[" + text + "]"
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        return text  # a bare word; _coerce reports it if the field wants something else
+        pass
+    if hint is float:
+        with contextlib.suppress(ValueError):
+            return float(text)
+    return text  # a bare word; _coerce reports it if the field wants something else
+
+
+def _holds_strings(hint: Any) -> bool:
+    """Whether a tuple/list hint holds strings (tuple[str, ...], list[str])."""
+    args = typing.get_args(hint)
+    return bool(args) and all(arg is str for arg in args if arg is not Ellipsis)
+
+
+def _comma_list(text: str) -> list[str]:
+    """'a, b,c' -> ['a', 'b', 'c']; empty items (a trailing comma, an empty text) are dropped."""
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def apply_override(cfg: JobConfig, dotted: str, text: str) -> None:

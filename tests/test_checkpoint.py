@@ -102,3 +102,23 @@ def test_sigkill_mid_run_resumes_to_the_same_losses(tmp_path) -> None:
     # The resumed process logged again from the checkpoint it loaded.
     resumed_steps = [r["step"] for r in read_metrics(killed) if "loss" in r]
     assert len(resumed_steps) > steps
+
+
+def test_resuming_from_an_older_checkpoint_moves_the_abandoned_timeline_aside(tmp_path, caplog) -> None:
+    batches = make_batches(tiny_model(), [LAYOUT] * 6, seed=5)
+    build_trainer(tiny_model(), batches, tmp_path, _job(6, 2, keep=3)).train()
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["step_00000002", "step_00000004", "step_00000006"]
+    (folder / ".tmp_step_00000008").mkdir()  # debris of crashed saves
+    (folder / ".old_step_00000006").mkdir()
+
+    # Back to step 2 (say, to escape a loss spike), then on to step 5 keeping one checkpoint.
+    job = _job(5, 2, keep=1)
+    job.checkpoint.resume = str(folder / "step_00000002")
+    with caplog.at_level("WARNING", logger="dualtower.training.checkpoint"):
+        build_trainer(tiny_model(), batches, tmp_path, job).train()
+    assert sorted(p.name for p in folder.iterdir()) == ["step_00000005", "superseded"]
+    assert sorted(p.name for p in (folder / "superseded").iterdir()) == ["step_00000004", "step_00000006"]
+    assert any("superseded" in r.getMessage() and "step_00000006" in r.getMessage() for r in caplog.records)
+    job.checkpoint.resume = "auto"
+    assert build_trainer(tiny_model(), batches, tmp_path, job).parts.checkpointer.resume_path().name == "step_00000005"

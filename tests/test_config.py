@@ -56,6 +56,29 @@ def test_precedence_cli_over_toml_over_defaults() -> None:
 
 
 @pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("--data.cauldron_configs=ai2d,chartqa", ("ai2d", "chartqa")),
+        ("--data.cauldron_configs=ai2d, chartqa,", ("ai2d", "chartqa")),
+        ("--data.cauldron_configs=ai2d", ("ai2d",)),
+        ('--data.cauldron_configs="ai2d","chartqa"', ("ai2d", "chartqa")),
+        ("--data.cauldron_configs=['ai2d', 'chartqa']", ("ai2d", "chartqa")),
+        ("--data.synthetic.question_types=color,shape", ("color", "shape")),
+        ("--data.synthetic.question_types=count", ("count",)),
+    ],
+)
+def test_string_lists_take_comma_separated_words(override: str, expected: tuple[str, ...]) -> None:
+    cfg = load_job_config(["--data.source=cauldron", override])
+    key = override[2:].partition("=")[0]
+    assert _value(cfg, key) == expected
+
+
+def test_number_lists_and_floats_parse() -> None:
+    cfg = load_job_config(["--optim.betas=0.9, 0.95", "--model.image_mean=0.5,0.5,0.5", "--optim.lr_left=.5"])
+    assert cfg.optim.betas == (0.9, 0.95) and cfg.model.image_mean == (0.5, 0.5, 0.5) and cfg.optim.lr_left == 0.5
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--training.stepz=3"], "unknown key 'training.stepz'"),
@@ -67,6 +90,11 @@ def test_precedence_cli_over_toml_over_defaults() -> None:
         (["--model.flavor=huge"], "model.flavor must be one of"),
         (["--data.rows_per_batch=0"], "rows_per_batch"),
         (["--optim.lr_vision=0", "--optim.lr_projector=0", "--optim.lr_left=0", "--optim.lr_right=0"], "nothing"),
+        (["--optim.lr_left=inf"], "optim.lr_left must be a finite number"),
+        (["--optim.lr_projector=nan"], "optim.lr_projector must be a finite number"),
+        (["--optim.lr_right=-inf"], "optim.lr_right must be a finite number"),
+        (["--optim.weight_decay=inf"], "optim.weight_decay must be a finite number"),
+        (["--data.cauldron_configs=[1, 2]"], "expects a string"),  # bracketed text still goes through TOML
         (["--config", "missing.toml"], "config file not found"),
         (["stray"], "unexpected argument"),
     ],
@@ -106,10 +134,15 @@ def test_usage_lists_every_key_and_each_is_a_valid_override() -> None:
         load_job_config([f"--{key}={_default_text(defaults, key)}"])
 
 
-def _default_text(cfg: JobConfig, dotted: str) -> str:
+def _value(cfg: JobConfig, dotted: str):
     value = cfg
     for part in dotted.split("."):
         value = getattr(value, part)
+    return value
+
+
+def _default_text(cfg: JobConfig, dotted: str) -> str:
+    value = _value(cfg, dotted)
     if isinstance(value, tuple):
         return "[" + ", ".join(repr(v) for v in value) + "]"
     return str(value).lower() if isinstance(value, bool) else str(value)

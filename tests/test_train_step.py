@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_train_utils import build_trainer, default_job, make_batches, one_thread, tiny_model  # noqa: F401
+from test_train_utils import build_trainer, default_job, make_batches, one_thread, read_metrics, tiny_model  # noqa: F401
 
 from dualtower.training import FlopCounter, NonFiniteLossError
 
@@ -131,3 +131,54 @@ def test_activation_checkpointing_keeps_gradients_and_parameter_names(tmp_path) 
     assert recomputed.keys() == plain.keys()
     for name, grad in plain.items():
         torch.testing.assert_close(recomputed[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def _poisoned_trainer(tmp_path, implementation: str, steps: int, poisoned: set[int], **training):
+    """A trainer whose loss is NaN at the given optimizer steps (1-based); log_every = 5."""
+    model = tiny_model()
+    batches = make_batches(model, [LAYOUT_A] * steps, seed=1)
+    cfg = default_job()
+    cfg.optim.implementation = implementation
+    cfg.training.steps = steps
+    cfg.metrics.log_every = 5
+    for key, value in training.items():
+        setattr(cfg.training, key, value)
+    trainer = build_trainer(model, batches, tmp_path, cfg)
+    real_loss = model.loss_sum
+    model.loss_sum = lambda batch: real_loss(batch) * (math.nan if trainer.step + 1 in poisoned else 1.0)
+    return trainer
+
+
+@pytest.mark.parametrize("implementation", ["foreach", "fused"])
+def test_a_streak_that_ends_between_logging_steps_still_stops(tmp_path, implementation: str) -> None:
+    trainer = _poisoned_trainer(tmp_path, implementation, 8, {2, 3, 4}, max_nonfinite_in_row=2)
+    # foreach stops as soon as the limit is reached, fused at the next logging step with the whole streak.
+    expected = "2 optimizer steps in a row .*steps 2-3" if implementation == "foreach" else "3 .*steps 2-4"
+    with pytest.raises(NonFiniteLossError, match=expected):
+        trainer.train()
+    assert trainer.step == (2 if implementation == "foreach" else 5)
+
+
+@pytest.mark.parametrize("implementation", ["foreach", "fused"])
+def test_skipped_step_warning_names_the_right_step(tmp_path, caplog, implementation: str) -> None:
+    trainer = _poisoned_trainer(tmp_path, implementation, 5, {2})
+    with caplog.at_level("WARNING", logger="dualtower.training.trainer"):
+        trainer.train()
+    warnings = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
+    assert warnings == ["non-finite loss/gradient: update skipped (1 in a row, step 2)"]
+
+
+def test_skipped_steps_leave_the_window_loss_and_tokens_alone(tmp_path) -> None:
+    per_step = _poisoned_trainer(tmp_path / "each", "fused", 5, {2})
+    per_step.parts.metrics.cfg.log_every = 1
+    per_step.train()
+    windowed = _poisoned_trainer(tmp_path / "window", "fused", 5, {2})
+    windowed.train()
+    steps = {r["step"]: r for r in read_metrics(tmp_path / "each")}
+    assert steps[2]["loss"] is None and steps[2]["supervised_tokens"] == 0  # a window of only skipped steps
+    applied = [steps[s] for s in (1, 3, 4, 5)]
+    tokens = sum(r["supervised_tokens"] for r in applied)
+    (record,) = read_metrics(tmp_path / "window")
+    assert record["step"] == 5 and record["skipped_steps"] == 1
+    assert record["supervised_tokens"] == tokens
+    assert record["loss"] == pytest.approx(sum(r["loss"] * r["supervised_tokens"] for r in applied) / tokens)

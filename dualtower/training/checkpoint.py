@@ -5,7 +5,16 @@ A checkpoint is a directory `step_XXXXXXXX/` holding
     train_state.json            step, scheduler, skipped-step counters, world size (rank 0)
     rank_XXXXX.pt               each rank's data-loader state and RNG states
 It is written to `.tmp_step_XXXXXXXX/` and renamed when every rank has finished, so a crash mid-save never
-leaves a partial `step_*` directory and the previous checkpoint stays intact. The newest `keep` are kept.
+leaves a partial `step_*` directory and the previous checkpoint stays intact (a save first removes the debris of
+crashed ones). The newest `keep` are kept.
+
+Timelines: a run resumed from an older checkpoint (checkpoint.resume=PATH) that publishes step S abandons the
+checkpoints of steps >= S already in the folder. They are moved into `superseded/` (never deleted, never resumed
+from, never counted by `keep`) with a warning, so resume=auto and pruning only see the current timeline.
+
+Hyperparameters: the optimizer's param groups and the scheduler's base LRs come from the config, not from the
+checkpoint, so a changed peak LR, weight decay, betas or eps takes effect on resume; the step (the position in
+the schedule) and the Adam moments come from the checkpoint.
 """
 
 from __future__ import annotations
@@ -39,6 +48,9 @@ from dualtower.parallel import DistEnv, barrier
 logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+DEBRIS = re.compile(r"^\.(tmp|old)_step_\d{8}$")  # left behind by a save that crashed
+SUPERSEDED = "superseded"
+HYPERPARAMETERS = ("initial_lr", "weight_decay", "betas", "eps")  # per param group, from the config
 
 
 def rng_state() -> dict[str, Any]:
@@ -68,7 +80,7 @@ class Checkpointer:
         if not self.folder.is_dir():
             return []
         found = [p for p in self.folder.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
-        return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+        return sorted(found, key=_step_of)
 
     def resume_path(self) -> Path | None:
         """The checkpoint to resume from: none, the newest in the folder (auto), or an explicit path."""
@@ -86,7 +98,7 @@ class Checkpointer:
         final = self.folder / f"step_{step:08d}"
         tmp = self.folder / f".tmp_step_{step:08d}"
         if self.env.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that crashed
+            self._remove_debris()
             tmp.mkdir(parents=True)
         barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -105,20 +117,47 @@ class Checkpointer:
         logger.info("checkpoint saved: %s", final)
         return final
 
+    def _remove_debris(self) -> None:
+        """Delete the temporary directories of saves that crashed (only one save of a run runs at a time)."""
+        if not self.folder.is_dir():
+            return
+        for path in self.folder.iterdir():
+            if DEBRIS.match(path.name):
+                logger.info("removing %s, left behind by a save that did not finish", path)
+                shutil.rmtree(path, ignore_errors=True)
+
     def _publish(self, tmp: Path, final: Path) -> None:
-        trash = final.with_name(f".old_{final.name}")
-        if final.exists():  # the same step saved again after resuming from an older checkpoint
-            final.rename(trash)
+        self._supersede(_step_of(final))
         os.replace(tmp, final)
         _fsync_dir(self.folder)
-        shutil.rmtree(trash, ignore_errors=True)
+
+    def _supersede(self, step: int) -> None:
+        """Move the checkpoints of steps >= `step` (an abandoned timeline: the run resumed from an older one)."""
+        abandoned = [p for p in self.checkpoints() if _step_of(p) >= step]
+        if not abandoned:
+            return
+        aside = self.folder / SUPERSEDED
+        aside.mkdir(exist_ok=True)
+        moved = [p.rename(_free_name(aside / p.name)) for p in abandoned]
+        logger.warning(
+            "saving step %d over checkpoints of steps >= %d (the run resumed from an older checkpoint): moved "
+            "them to %s as %s; they are no longer resumed from or pruned, delete them when no longer needed",
+            step,
+            step,
+            aside,
+            ", ".join(p.name for p in moved),
+        )
 
     def _prune(self) -> None:
         for old in self.checkpoints()[: -self.cfg.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, path: Path, model: nn.Module, optimizer, scheduler, loader) -> dict[str, Any]:
-        """Restore everything saved by save(); returns train_state (with "step")."""
+        """Restore everything saved by save(); returns train_state (with "step").
+
+        The optimizer's and scheduler's hyperparameters stay those of the config they were built from.
+        """
+        configured = [{key: group[key] for key in HYPERPARAMETERS} for group in optimizer.param_groups]
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         with _single_process_quiet():
@@ -126,6 +165,7 @@ class Checkpointer:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         train_state = json.loads((path / "train_state.json").read_text())
         scheduler.load_state_dict(train_state["scheduler"])
+        reapply_hyperparameters(optimizer, scheduler, configured)
         self._load_rank_state(path, train_state["world_size"], loader)
         logger.info("resumed from %s at step %d", path, train_state["step"])
         return train_state
@@ -148,6 +188,28 @@ class Checkpointer:
             logger.warning("cannot re-shard the data position of %d ranks onto %d: the data stream restarts", *shape)
             return
         loader.load_state_dict(state)
+
+
+def reapply_hyperparameters(optimizer, scheduler, configured: list[dict[str, Any]]) -> None:
+    """Put the config's per-group hyperparameters back after a checkpoint load overwrote them.
+
+    `configured` holds each group's HYPERPARAMETERS before the load (the groups keep their order: the same
+    config builds the same named groups). The LRs are then recomputed for the scheduler's restored position.
+    """
+    changes = []
+    for index, (group, wanted) in enumerate(zip(optimizer.param_groups, configured, strict=True)):
+        for key, value in wanted.items():
+            if _plain(group[key]) != _plain(value):
+                changes.append(f"{group.get('name', index)}.{key} {group[key]} -> {value}")
+                group[key] = value
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    # The LR of the next step from the (possibly changed) peaks and schedule, at the checkpoint's position.
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports
+    if changes:
+        logger.info("optimizer hyperparameters from the config replace the checkpoint's: %s", "; ".join(changes))
 
 
 def reshard_loader_state(saved: list[dict], rank: int, world_size: int, current: dict) -> dict | None:
@@ -211,6 +273,23 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         json.dump(data, handle, indent=1)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def _plain(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list | tuple) else value  # betas may come back as a list
+
+
+def _step_of(path: Path) -> int:
+    return int(STEP_DIR.match(path.name).group(1))
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `path.1`, `path.2`, ... if taken (the same step can be abandoned more than once)."""
+    candidate, index = path, 0
+    while candidate.exists():
+        index += 1
+        candidate = path.with_name(f"{path.name}.{index}")
+    return candidate
 
 
 def _fsync_dir(path: Path) -> None:

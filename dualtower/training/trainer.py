@@ -7,8 +7,10 @@ of supervised tokens of the whole step on all ranks (host counts, all-reduced on
 summed across ranks (see dualtower.parallel.fsdp), so the update equals that of one batch holding all the data.
 
 Host syncs: none per step on the fused-AdamW path (the default): a non-finite gradient norm makes the fused kernel
-skip the update on the device (`found_inf`) and the skip counters live on the device until the next logging step.
-The foreach path checks the norm on the host every step.
+skip the update on the device (`found_inf`) and the skip counters (including the longest run of skipped steps in
+the logging window) live on the device until the next logging step. The foreach path checks the norm on the host
+every step. A step with a non-finite loss or gradient norm adds neither its loss nor its supervised tokens to the
+logged window (a window where no step counts logs loss null).
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ class NonFiniteLossError(RuntimeError):
 class _Window:
     """What happened since the last logging step (device tensors stay on the device until then)."""
 
-    loss_sums: list[Tensor] = field(default_factory=list)
-    supervised: int = 0
+    loss_sums: list[Tensor] = field(default_factory=list)  # per step: the loss sum, 0 for a skipped step
+    supervised: int = 0  # this rank's supervised tokens, non-finite steps included (host count)
+    skipped_supervised: Tensor | None = None  # the part of `supervised` from non-finite steps (device)
     tokens: int = 0
     flops: float = 0.0
     row_capacity: int = 0
@@ -59,6 +62,12 @@ class _Window:
         self.tokens += batch.num_tokens
         self.flops += flops
         self.row_capacity += batch.num_rows * batch.row_capacity
+
+    def add_step(self, step_loss: Tensor, supervised: int, applied: Tensor) -> None:
+        """Count a finished optimizer step; `applied` (device bool) is False where its loss or norm is non-finite."""
+        self.loss_sums.append(torch.where(applied, step_loss, 0.0))
+        skipped = (~applied).double() * supervised
+        self.skipped_supervised = skipped if self.skipped_supervised is None else self.skipped_supervised + skipped
 
 
 @dataclass
@@ -93,6 +102,9 @@ class Trainer:
         self.flop_counter = FlopCounter(parts.model)
         self.peak = peak_flops(self.device)
         self.nonfinite_streak = torch.zeros((), dtype=torch.int64, device=self.device)
+        # The longest streak seen since the last logging step, and the (1-based) step where it last grew.
+        self.window_max_streak = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.window_streak_end = torch.zeros((), dtype=torch.int64, device=self.device)
         self.skipped_total = torch.zeros((), dtype=torch.int64, device=self.device)
         self.last_grad_norm = torch.zeros((), device=self.device)
         self.last_lrs: dict[str, float] = {}
@@ -148,7 +160,8 @@ class Trainer:
     def train_step(self, micro: list[PackedBatch], window: _Window | None = None) -> None:
         """One optimizer step over the micro-batches of this rank."""
         window = window if window is not None else _Window()
-        total_supervised = self._global_count(sum(batch.num_supervised for batch in micro))
+        local_supervised = sum(batch.num_supervised for batch in micro)
+        total_supervised = self._global_count(local_supervised)
         step_loss = torch.zeros((), dtype=torch.float32, device=self.device)
         for index, batch in enumerate(micro):
             window.add_batch(batch, self.flop_counter.batch_flops(batch))
@@ -158,10 +171,10 @@ class Trainer:
                 loss_sum = self.model.loss_sum(batch)
             (loss_sum / total_supervised).backward()
             step_loss += loss_sum.detach().float()
-        window.loss_sums.append(step_loss)
         self.last_grad_norm = self._clip_gradients()
         self.last_lrs = {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
         self._optimizer_step(self.last_grad_norm)
+        window.add_step(step_loss, local_supervised, torch.isfinite(self.last_grad_norm) & torch.isfinite(step_loss))
         self.optimizer.zero_grad(set_to_none=True)
 
     def _global_count(self, local: int) -> Tensor:
@@ -195,25 +208,39 @@ class Trainer:
             self.optimizer.step()
         self.nonfinite_streak = torch.where(nonfinite, self.nonfinite_streak + 1, 0)
         self.skipped_total += nonfinite
+        # A streak may end before the next logging step: remember the longest one (on the device).
+        grew = self.nonfinite_streak > self.window_max_streak
+        self.window_max_streak = torch.maximum(self.window_max_streak, self.nonfinite_streak)
+        self.window_streak_end = torch.where(grew, self.step + 1, self.window_streak_end)
         if not self.fused:
             self._check_nonfinite()
 
     def _check_nonfinite(self) -> None:
-        streak = int(self.nonfinite_streak)
-        if streak >= self.cfg.max_nonfinite_in_row:
+        """Stop when the longest streak of skipped steps since the last check reaches the limit; warn otherwise.
+
+        The foreach path calls it after every optimizer step, the fused path at logging steps (one host sync).
+        """
+        longest, end = (int(v) for v in torch.stack([self.window_max_streak, self.window_streak_end]).tolist())
+        self.window_max_streak.zero_()
+        self.window_streak_end.zero_()
+        if not longest:
+            return
+        steps = f"step {end}" if longest == 1 else f"steps {end - longest + 1}-{end}"
+        if longest >= self.cfg.max_nonfinite_in_row:
             raise NonFiniteLossError(
-                f"{streak} optimizer steps in a row had a non-finite loss or gradient (step {self.step}); "
+                f"{longest} optimizer steps in a row had a non-finite loss or gradient ({steps}); "
                 f"stopping (training.max_nonfinite_in_row = {self.cfg.max_nonfinite_in_row})"
             )
-        if streak:
-            logger.warning("non-finite loss/gradient at step %d: update skipped", self.step + 1)
+        logger.warning("non-finite loss/gradient: update skipped (%d in a row, %s)", longest, steps)
 
     # -- logging, evaluation, checkpoints -------------------------------------------------------------------
 
     def _log(self, window: _Window) -> None:
         loss_sum = torch.stack(window.loss_sums).double().sum()
-        host = [window.supervised, window.tokens, window.flops, window.row_capacity]
-        totals = torch.cat([loss_sum.reshape(1), torch.tensor(host, dtype=torch.float64).to(self.device)])
+        host = torch.tensor([window.supervised, window.tokens, window.flops, window.row_capacity], dtype=torch.float64)
+        totals = torch.cat([loss_sum.reshape(1), host.to(self.device)])
+        if window.skipped_supervised is not None:  # the tokens of skipped steps count neither in loss nor tokens
+            totals[1] -= window.skipped_supervised
         if dist.is_initialized():
             dist.all_reduce(totals)
         loss, supervised, tokens, flops, capacity = totals.tolist()  # the one host sync of a logging step
@@ -271,6 +298,11 @@ class Trainer:
         state = parts.checkpointer.load(path, self.model, self.optimizer, parts.scheduler, parts.train_loader)
         self.step = state["step"]
         self.last_saved_step = self.step
+        # The param groups' "fused" flag comes from the checkpoint: the skipping logic must follow the kernel used.
+        fused = bool(self.optimizer.param_groups[0].get("fused"))
+        if fused != self.fused:
+            logger.warning("resume: the checkpoint's AdamW implementation (fused=%s) is kept over the config's", fused)
+            self.fused = fused
         self.skipped_total.fill_(state.get("skipped_total", 0))
         self.nonfinite_streak.fill_(state.get("nonfinite_streak", 0))
         return True
