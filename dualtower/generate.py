@@ -5,14 +5,20 @@
 Several requests: repeat --image / --prompt in pairs (one --image with several --prompt asks several questions
 about the same image, which reuses its left-tower K/V), or give --requests FILE.jsonl with one
 {"image": path | "images": [paths], "prompt": text} object per line (relative paths are taken from the file's
-folder). stdout carries only the generated texts, one per request in order; logs and --stats go to stderr.
+folder; any other key is an error). stdout carries only the generated texts, one per request in order (with
+--jsonl, one JSON object per request: index, text, finish_reason, tokens); logs and --stats go to stderr.
 Errors (missing checkpoint or image, bad flags) print one line and exit non-zero.
+
+--seed makes sampled answers reproducible for the same requests, --batch_size and --stream: each batch is
+seeded from --seed and the index of its first request, so batches do not share their noise.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import sys
@@ -20,6 +26,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 DEFAULT_PROMPT = "Describe the image."
+REQUEST_KEYS = ("image", "images", "prompt")
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
@@ -51,15 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top_k", type=int, default=50, help="0 disables top-k")
     parser.add_argument("--top_p", type=float, default=0.9, help="1 disables top-p")
-    parser.add_argument("--seed", type=int, help="seed for --sampling (reproducible draws)")
+    parser.add_argument(
+        "--seed", type=int,
+        help="seed for --sampling: the same requests with the same --batch_size / --stream draw the same tokens "
+        "(each batch gets its own seed, derived from this one and the index of its first request)",
+    )
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
-    parser.add_argument("--batch_size", type=int, default=16, help="requests generated together")
+    parser.add_argument("--batch_size", type=int, default=16, help="requests generated together (not with --stream)")
     parser.add_argument("--sampler", choices=("torch", "csrc"), default="torch", help="csrc: fused CUDA sampler")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (slower start)")
     parser.add_argument("--no_cuda_graph", action="store_true", help="do not capture the decode step on CUDA")
-    parser.add_argument("--stream", action="store_true", help="print text as it is generated")
+    parser.add_argument(
+        "--stream", action="store_true",
+        help="print text as it is generated; generates one request at a time (--batch_size is ignored)",
+    )
+    parser.add_argument(
+        "--jsonl", action="store_true",
+        help="print one JSON object per request ({index, text, finish_reason, tokens}) instead of plain text",
+    )
     parser.add_argument("--stats", action="store_true", help="TTFT, tokens/s and cache hits on stderr")
     parser.add_argument(
         "--profile", type=Path, metavar="DIR",
@@ -80,6 +98,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         (not (args.requests and (args.image or args.prompt)), "--requests cannot be combined with --image/--prompt"),
         (all(args.stop), "--stop strings must be non-empty"),
         (args.profile_steps >= 1, "--profile_steps must be >= 1"),
+        (not (args.jsonl and args.stream), "--jsonl cannot be combined with --stream"),
     ]
     for ok, message in checks:
         if not ok:
@@ -113,16 +132,40 @@ def read_requests_file(path: Path) -> list[tuple[list[str], str]]:
             continue
         try:
             item = json.loads(line)
-            images = item.get("images", [item["image"]] if item.get("image") else [])
-            prompt = item.get("prompt", DEFAULT_PROMPT)
-        except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as error:
-            raise ValueError(f"{path} line {number}: not a {{image|images, prompt}} object ({error})") from error
-        if not isinstance(images, list) or not isinstance(prompt, str):
-            raise ValueError(f"{path} line {number}: 'images' must be a list and 'prompt' a string")
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} line {number}: not valid JSON ({error})") from error
+        try:
+            images, prompt = _parse_request(item)
+        except ValueError as error:
+            raise ValueError(f"{path} line {number}: {error}") from error
         requests.append(([str(_relative_to(path.parent, image)) for image in images], prompt))
     if not requests:
         raise ValueError(f"{path} holds no requests")
     return requests
+
+
+def _parse_request(item: Any) -> tuple[list[str], str]:
+    """One JSONL object -> (image paths, prompt); ValueError naming the offending key otherwise."""
+    if not isinstance(item, dict):
+        raise ValueError(f"expected a {{image|images, prompt}} object, got {type(item).__name__}")
+    unknown = [key for key in item if key not in REQUEST_KEYS]
+    if unknown:
+        names = ", ".join(repr(key) for key in unknown)
+        raise ValueError(f"unknown key{'s' * (len(unknown) > 1)} {names} (expected {', '.join(REQUEST_KEYS)})")
+    if "image" in item and "images" in item:
+        raise ValueError("give 'image' or 'images', not both")
+    if not item:
+        raise ValueError("empty request: give 'image', 'images' or 'prompt'")
+    images = [item["image"]] if "image" in item else item.get("images", [])
+    key = "image" if "image" in item else "images"
+    if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
+        raise ValueError(f"'{key}' must be {'a path' if key == 'image' else 'a list of paths'}")
+    if any(not image.strip() for image in images):
+        raise ValueError(f"'{key}' holds an empty image path")
+    prompt = item.get("prompt", DEFAULT_PROMPT)
+    if not isinstance(prompt, str):
+        raise ValueError("'prompt' must be a string")
+    return images, prompt
 
 
 def _relative_to(folder: Path, image: Any) -> Path:
@@ -231,21 +274,41 @@ def run(args: argparse.Namespace) -> None:
     for start in range(0, len(requests), batch_size):
         batch = requests[start : start + batch_size]
         on_text = _print_delta if args.stream else None
+        batch_sampling = dataclasses.replace(sampling, seed=batch_seed(args.seed, start))
         if args.profile is not None and start == 0:
             from dualtower.generation.profiling import GenerationProfiler
 
             results = GenerationProfiler(args.profile, args.profile_steps).run(
                 generator,
-                functools.partial(generator.generate, batch, sampling, on_text=on_text),
-                warm_up=functools.partial(generator.generate, batch, sampling),  # the warm-up prints nothing
+                functools.partial(generator.generate, batch, batch_sampling, on_text=on_text),
+                warm_up=functools.partial(generator.generate, batch, batch_sampling),  # the warm-up prints nothing
             )
         else:
-            results = generator.generate(batch, sampling, on_text=on_text)
-        for result in results:
-            sys.stdout.write("\n" if args.stream else result.text.strip() + "\n")
+            results = generator.generate(batch, batch_sampling, on_text=on_text)
+        for index, result in enumerate(results, start=start):
+            sys.stdout.write(_output_line(index, result, args))
         sys.stdout.flush()
         if args.stats:
             sys.stderr.write(f"stats: {generator.stats.summary()}\n")
+
+
+def batch_seed(seed: int | None, first_request: int) -> int | None:
+    """The seed of the batch that starts at request `first_request`: --seed itself for the first batch (so a
+    single batch matches the Python API with SamplingConfig(seed=seed)), a hash of both for the others, so that
+    batches of one run do not share their noise and nearby seeds do not give shifted copies of each other."""
+    if seed is None or first_request == 0:
+        return seed
+    digest = hashlib.sha256(f"dualtower.generate:{seed}:{first_request}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # a non-negative int64, as every torch.Generator accepts
+
+
+def _output_line(index: int, result: Any, args: argparse.Namespace) -> str:
+    if args.jsonl:  # the exact text: newlines inside it stay inside one JSON line
+        record = {
+            "index": index, "text": result.text, "finish_reason": result.finish_reason, "tokens": len(result.token_ids)
+        }
+        return json.dumps(record, ensure_ascii=False) + "\n"
+    return "\n" if args.stream else result.text.strip() + "\n"
 
 
 def _print_delta(row: int, text: str) -> None:

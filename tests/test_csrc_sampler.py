@@ -96,6 +96,18 @@ def test_support_on_crafted_logits(fused, config: dict, expected: set[int]) -> N
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(("top_p", "expected"), [(0.5, {0, 1, 2, 3}), (0.35, {0})])
+def test_tokens_tied_at_the_top_p_boundary_are_kept_together(fused, top_p: float, expected: set[int]) -> None:
+    # Mass strictly above each of the tied 0.2 tokens is 0.4: all kept at p = 0.5 (by both samplers), none at 0.35.
+    logits = crafted([0.4, 0.2, 0.2, 0.2], rows=8192)
+    settings = SamplingConfig(do_sample=True, temperature=1.0, top_k=0, top_p=top_p)
+    reference = set(torch.nonzero(sampling_probs(logits[:1], settings)[0] > 1e-6).flatten().tolist())
+    assert reference == expected
+    drawn = set(fused(logits, settings, make_generator(0, logits.device)).unique().tolist())
+    assert drawn == expected
+
+
+@pytest.mark.gpu
 def test_distribution_matches_the_pytorch_sampler(fused) -> None:
     generator = torch.Generator(device="cuda").manual_seed(1)
     logits = torch.randn(1, VOCAB, device="cuda", generator=generator) * 2.5

@@ -238,3 +238,84 @@ def test_cuda_graph_decode_matches_eager_and_teacher_forcing(model, prompts, com
         assert fast.token_ids == slow.token_ids == again.token_ids
         torch.testing.assert_close(fast.logits, slow.logits, atol=1e-4, rtol=0)
         torch.testing.assert_close(fast.logits, forced, atol=1e-4, rtol=0)
+
+
+class LetterTokenizer:
+    """Token t decodes to one letter ('a' + t); EOS_ID is a special token (skipped)."""
+
+    EOS_ID = 99
+    eos_token_id = None
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join("" if i == self.EOS_ID else chr(ord("a") + i) for i in ids)
+
+
+@pytest.mark.parametrize(
+    ("stream", "max_new_tokens", "stop", "expected"),
+    [
+        ([0, 2, 3], 3, "cd", [0, 2, 3]),  # the last allowed token completes the stop string
+        ([3], 1, "d", [3]),  # max_new_tokens = 1 and the first token is the stop string
+        ([0, 2, 3, 4, 5, 99, 99, 99], 64, "cd", [0, 2, 3]),  # stop, more tokens, then EOS
+        ([0, 2, 3, 4, 5, 6, 7, 8], 64, "cd", [0, 2, 3]),
+    ],
+)
+def test_the_stop_tracker_cuts_at_the_stop_string_however_the_tokens_are_chunked(
+    stream: list[int], max_new_tokens: int, stop: str, expected: list[int]
+) -> None:
+    from dualtower.generation.stopping import StopTracker
+
+    for chunk in (1, 8):
+        tracker = StopTracker(LetterTokenizer(), 1, max_new_tokens, [LetterTokenizer.EOS_ID], [stop])
+        for start in range(0, len(stream), chunk):
+            if not tracker.all_finished:
+                tracker.update([stream[start : start + chunk]])
+        tracker.finish()
+        result = tracker.results()[0]
+        assert (result.finish_reason, result.token_ids) == ("stop", expected), chunk
+        assert result.text == LetterTokenizer().decode(expected).split(stop)[0]
+
+
+def test_stop_strings_end_rows_the_same_for_any_sync_every(model, prompts) -> None:
+    """On CUDA (sync_every=8) a stop string in the chunk that also ended the row (EOS or length) was missed."""
+    two = [prompts[0], prompts[2]]  # the cheapest pair (one tile, no image)
+    rows = [r.token_ids for r in Generator(model, eos_token_ids=()).generate_prepared(two, greedy(5))]
+    # A row, a new token in it at cut - 1 >= 1 (the stop string), and a later new token (an EOS after the stop).
+    # With sync_every=8 the tokens after the first all arrive in one chunk, which also ends the row.
+    row, cut, eos_token = next(
+        (row, cut, later)
+        for row, free in enumerate(rows)
+        for cut in range(2, 5)
+        if free[cut - 1] not in free[: cut - 1]
+        for later in free[cut:]
+        if later not in free[:cut]
+    )
+    free = rows[row]
+    # (eos ids, max_new_tokens): EOS after the stop in the same chunk; the stop string ends at the last token.
+    scenarios = [((eos_token,), 5), ((), cut)]
+    for eos, max_new_tokens in scenarios:
+        config = SamplingConfig(max_new_tokens=max_new_tokens, stop_strings=(f"t{free[cut - 1]} ",))
+        runs = []
+        for sync_every in (1, 8):
+            engine = Generator(model, SpacedTokenizer(), eos_token_ids=eos, sync_every=sync_every)
+            results = engine.generate_prepared(two, config, return_logits=True)
+            assert results[row].token_ids == free[:cut] and results[row].finish_reason == "stop", (eos, sync_every)
+            assert engine.stats.generated_tokens == sum(len(r.token_ids) for r in results)
+            assert all(r.logits.shape[0] == len(r.token_ids) for r in results)
+            runs.append([(r.token_ids, r.finish_reason, r.text, r.logits) for r in results])
+        for one, eight in zip(*runs, strict=True):
+            assert one[:3] == eight[:3]
+            torch.testing.assert_close(one[3], eight[3])
+
+
+def test_prompt_plus_max_new_tokens_beyond_the_positions_is_refused_before_any_work(
+    model, prompts, monkeypatch
+) -> None:
+    length = prompts[1].input_ids.numel()
+    monkeypatch.setattr(model.cfg.lm, "max_position_embeddings", length + 3)
+    engine = Generator(model, eos_token_ids=())
+    engine._prefix_kv = lambda *args: pytest.fail("the check must run before the left tower")
+    expected = rf"request 1: {length} prompt tokens \+ max_new_tokens 4 exceed the model's {length + 3} positions"
+    with pytest.raises(ValueError, match=expected):
+        engine.generate_prepared(prompts[:2], greedy(4))
+    del engine._prefix_kv
+    assert len(engine.generate_prepared(prompts[:2], greedy(3))[1].token_ids) == 3  # exactly at the limit

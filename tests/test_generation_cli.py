@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dualtower.generate import main, pair_requests
+from dualtower.generate import batch_seed, build_parser, main, pair_requests, read_requests_file
 from dualtower.generation import GenerationRequest, Generator, SamplingConfig
 from dualtower.model import DualTowerVLM
 
@@ -79,6 +79,7 @@ def test_cli_requests_file_streaming_and_weights_file(capsys, tmp_path, checkpoi
     [
         (("--image", "{square}", "--bogus"), 2, "unrecognized arguments"),
         (("--image", "{square}", "--top_p", "1.5"), 2, "--top_p"),
+        (("--image", "{square}", "--jsonl", "--stream"), 2, "--jsonl cannot be combined with --stream"),
         (
             (
                 "--image",
@@ -137,3 +138,47 @@ def test_python_api_from_images_and_text(checkpoint, images, tokenizer) -> None:
     assert generator.stats.prefix_cache_misses == 2 and generator.stats.vision_tower_runs == 1
     again = model.generate(requests[:1], tokenizer, config)
     assert again[0].token_ids == results[0].token_ids
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"image_path": "a.png", "question": "What?"}', "line 2: unknown keys 'image_path', 'question'"),
+        ('{"image": "a.png", "promt": "Count"}', "line 2: unknown key 'promt'"),
+        ('{"image": "a.png", "images": ["b.png"]}', "line 2: give 'image' or 'images', not both"),
+        ('{"image": "", "prompt": "x"}', "line 2: 'image' holds an empty image path"),
+        ('{"images": ["a.png", " "]}', "line 2: 'images' holds an empty image path"),
+        ("{}", "line 2: empty request"),
+        ('["a.png"]', "line 2: expected a {image|images, prompt} object"),
+    ],
+)
+def test_requests_file_rejects_unknown_keys_and_ambiguous_images(tmp_path, line: str, message: str) -> None:
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"image": "a.png", "prompt": "fine"}\n' + line + "\n")
+    with pytest.raises(ValueError) as error:
+        read_requests_file(requests)
+    assert str(error.value).startswith(f"{requests} {message}") and "\n" not in str(error.value)
+
+
+def test_batch_seeds_are_distinct_and_deterministic() -> None:
+    seeds = {batch_seed(seed, start) for seed in range(4) for start in range(4)}
+    assert len(seeds) == 16 and all(0 <= s < 2**63 for s in seeds)
+    assert batch_seed(0, 0) == 0 and batch_seed(5, 3) == batch_seed(5, 3) and batch_seed(None, 3) is None
+    assert "one request at a time" in " ".join(build_parser().format_help().split())
+
+
+def test_cli_stream_seeds_each_request_differently_and_jsonl(capsys, checkpoint, images) -> None:
+    """--stream generates one request per batch: with one seed for every batch, equal requests got equal noise."""
+    same_twice = ("--image", images["square"], "--prompt", "Grey?", "--prompt", "Grey?")
+    sampling = ("--sampling", "--seed", 0, "--temperature", 1.5, "--top_k", 0, "--top_p", 1, "--max_new_tokens", 4)
+    code, streamed, err = run_main(capsys, "--checkpoint", checkpoint, *same_twice, *sampling, "--stream")
+    assert code == 0, err
+    # The same batches (of one request) without streaming, as JSON lines: the same draws, the exact texts.
+    one_by_one = ("--batch_size", 1, "--jsonl")
+    code, records, err = run_main(capsys, "--checkpoint", checkpoint, *same_twice, *sampling, *one_by_one)
+    assert code == 0, err
+    rows = [json.loads(line) for line in records.splitlines()]
+    assert [row["index"] for row in rows] == [0, 1]
+    assert all(row["finish_reason"] in ("eos", "length", "stop") and 1 <= row["tokens"] <= 4 for row in rows)
+    assert "".join(row["text"] + "\n" for row in rows) == streamed
+    assert rows[0]["text"] != rows[1]["text"]

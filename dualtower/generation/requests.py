@@ -8,6 +8,7 @@ Shape legend:
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +133,16 @@ def prepare_requests(requests: list[GenerationRequest], tokenizer: Any, model_cf
         tiles = _tiles_of(document, model_cfg)
         prepared.append(PreparedPrompt(document.input_ids, tiles, document.prefix_len, image_digest(images)))
     return prepared
+
+
+def check_positions(prompts: Sequence[PreparedPrompt], max_new_tokens: int, limit: int) -> None:
+    """Refuse, before any work, a prompt that with max_new_tokens would go past the model's `limit` positions."""
+    for index, length in enumerate(prompt.input_ids.numel() for prompt in prompts):
+        if length + max_new_tokens > limit:
+            raise ValueError(
+                f"request {index}: {length} prompt tokens + max_new_tokens {max_new_tokens} exceed the model's "
+                f"{limit} positions (lm.max_position_embeddings); shorten the prompt or lower max_new_tokens"
+            )
 
 
 def _tiles_of(document: Any, model_cfg: Any) -> Tensor:

@@ -4,11 +4,17 @@ Shape legend:
     B   rows being generated
     V   vocabulary (49218)
 
-Conventions (the same as `transformers`' TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper):
+Conventions (those of `transformers`' TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, with ties
+resolved by value instead of by sort order):
 - the temperature divides the logits *before* any filtering;
 - top-k keeps every token whose logit is >= the k-th largest (ties at the boundary are kept);
-- top-p keeps the smallest set of most likely tokens whose probability reaches p, *including* the token
-  that crosses p: a token is kept when the mass of the tokens strictly more likely than it is < p.
+- top-p, the rule (shared with the fused CUDA sampler, csrc/sampling.cu): with probabilities taken after the
+  temperature and top-k, a token is kept iff the total probability of the tokens *strictly* more likely than
+  it is < p. So the token that crosses p is kept, tokens of equal probability are all kept or all removed
+  (the result is deterministic, independent of the sort order), and the most likely tokens always survive.
+  transformers removes by sorted position instead, so among tokens tied with the one that crosses p it keeps
+  only those sorted first (e.g. logits [2, 1, 1, 1, -5], p = 0.6: transformers keeps {0, one of 1..3}, this
+  rule keeps {0, 1, 2, 3}, since the mass strictly above each tied token is 0.475 < 0.6).
 
 Differences from the original DualTowerVLM code (reference_spec section 2.6 and item 12), fixed here:
 - the original filtered the raw logits and divided by the temperature afterwards, so the temperature never
@@ -31,7 +37,14 @@ from torch import Tensor
 
 @dataclass
 class SamplingConfig:
-    """How to pick tokens and when to stop. `do_sample=False` is greedy and ignores the sampling knobs."""
+    """How to pick tokens and when to stop. `do_sample=False` is greedy and ignores the sampling knobs.
+
+    seed: reproduces the output of the same batch (the transformers convention): the same requests in the same
+    order, with the same sampler, device and dtype. The noise of a row depends on its position in the batch and
+    on the batch size (on CUDA, the batch rounded up to a power of two), so a request sampled alone or in
+    another batch draws different tokens with the same seed. Several batches generated with one seed draw the
+    same noise; give each batch its own seed (the CLI derives one per batch from --seed).
+    """
 
     max_new_tokens: int = 64
     do_sample: bool = False
@@ -75,16 +88,18 @@ def top_k_filter(logits: Tensor, top_k: int) -> Tensor:
 
 
 def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
-    """(B, V) -> (B, V) keeping the most likely tokens until their mass reaches top_p (the crossing one too)."""
+    """(B, V) -> (B, V) with -inf where the module's top-p rule removes a token (strictly-more-likely mass >= p)."""
     if top_p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    sorted_probs = sorted_logits.softmax(dim=-1)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the strictly more likely tokens
-    remove_sorted = mass_before >= top_p
-    remove_sorted[:, 0] = False  # the most likely token always survives
-    remove = remove_sorted.scatter(-1, order, remove_sorted)
-    return logits.masked_fill(remove, float("-inf"))
+    sorted_logits = torch.sort(logits, dim=-1, descending=True).values
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    # Mass of the sorted positions before each one; a cumsum of non-negatives never decreases, so the
+    # positions with mass_before < p are a prefix. The first member of a tie group has exactly the mass of the
+    # strictly more likely tokens before it, so the group is kept iff its first member is in that prefix.
+    mass_before = torch.nn.functional.pad(cumulative[:, :-1], (1, 0))
+    kept = (mass_before < top_p).sum(dim=-1, keepdim=True).clamp_min(1)  # (B, 1)
+    threshold = sorted_logits.gather(-1, kept - 1)  # the smallest kept logit: its whole tie group stays
+    return logits.masked_fill(logits < threshold, float("-inf"))
 
 
 def filtered_logits(logits: Tensor, config: SamplingConfig) -> Tensor:

@@ -52,13 +52,19 @@ class StopTracker:
         return all(row.finished for row in self.rows)
 
     def update(self, chunk: list[list[int]]) -> list[int]:
-        """Append one chunk of tokens per row; returns the rows a stop string has just finished."""
+        """Append one chunk of tokens per row; returns the rows a stop string has just finished.
+
+        The result does not depend on how the tokens are chunked: a row ends at the first of its EOS token, its
+        max_new_tokens-th token, or the token that completes a stop string ("stop" wins when they coincide).
+        """
         stopped = []
         for index, (row, tokens) in enumerate(zip(self.rows, chunk, strict=True)):
             if row.finished:
                 continue
             added = self._append(row, tokens)
-            if self.stop_strings and not row.finished and self._find_stop(row, added):
+            # Searched even when this chunk also ended the row (EOS or max_new_tokens): a stop string completed
+            # in the same chunk wins, and the tokens after it (up to that EOS) are dropped.
+            if self.stop_strings and self._find_stop(row, added):
                 stopped.append(index)
             if self.on_text is not None:
                 self._stream(index, row)
