@@ -53,6 +53,14 @@ def test_literal_image_tokens_are_stripped(tokenizer):
     assert ids == plain
 
 
+def test_image_tokens_that_stripping_rebuilds_are_stripped_too(tokenizer):
+    strings = [image_string((1, 1), 2)]
+    turns = [{"user": "look <|ima<|image|>ge|> here", "assistant": "o<|ima<|ima<|image|>ge|>ge|>k"}]
+    ids, labels = encode_conversation(tokenizer, strings, turns)
+    assert (ids, labels) == encode_conversation(tokenizer, strings, [{"user": "look  here", "assistant": "ok"}])
+    assert encode_prompt(tokenizer, strings, "<|<|image|>image|>x") == encode_prompt(tokenizer, strings, "x")
+
+
 def test_prompt_equals_the_originals_template(tokenizer):
     strings = [image_string((1, 2), 3, 0), image_string((1, 1), 3, 1)]
     ids = encode_prompt(tokenizer, strings, " What is shown?")

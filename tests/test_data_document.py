@@ -11,6 +11,7 @@ from data_helpers import png_bytes, sample
 from PIL import Image
 
 from dualtower.batch import IGNORE_INDEX
+from dualtower.data import chat
 from dualtower.data.collate import CollateError, collate
 from dualtower.data.document import (
     Document,
@@ -119,6 +120,7 @@ def _bad_inputs():
         (sample([ok], ("q", "a"), ("empty answer", "  "), ("q2", "a2")), None, "turn_dropped"),
         ({"images": [ok], "texts": [{"assistant": "no question"}, "junk"]}, None, "turn_dropped"),
         (sample([ok], ("<|image|>q", "a")), None, "image_token_stripped"),
+        (sample([ok], ("look <|ima<|image|>ge|> here", "a")), None, "image_token_stripped"),
     ]
 
 
@@ -132,8 +134,17 @@ def test_bad_input_is_skipped_or_converted(raw, reason, event, tokenizer, debug_
         return
     doc, events = build(raw, tokenizer, debug_cfg, **limits)
     assert doc.num_supervised > 0 and doc.tiles.shape[1:] == (3, 128, 128)
+    assert int((doc.input_ids == debug_cfg.image_token_id).sum()) == doc.num_tiles * debug_cfg.image_tokens_per_tile
     if event is not None:
         assert events[event] >= 1
+
+
+@pytest.mark.parametrize("images", [[Image.new("RGB", (64, 64))], []])
+def test_placeholders_that_do_not_match_the_tiles_drop_the_sample(images, monkeypatch, tokenizer, debug_cfg):
+    monkeypatch.setattr(chat, "strip_image_tokens", lambda text: text)  # as if a literal <|image|> got through
+    with pytest.raises(SampleError) as info:
+        build(sample(images, ("look <|image|> here", "ok")), tokenizer, debug_cfg)
+    assert info.value.reason == "image_placeholders"
 
 
 def test_too_many_tiles_is_skipped_before_any_pixel_work(tokenizer, cfg_135m):

@@ -18,7 +18,7 @@ from data_helpers import cauldron_shaped_lengths
 
 from dualtower.data.document import document_from_sample
 from dualtower.data.images import ImageProcessor
-from dualtower.data.packing import Item, StreamPacker, best_completion, pack_bfd
+from dualtower.data.packing import Item, StreamPacker, _tiles_cannot_bind, best_completion, pack_bfd
 from dualtower.data.synthetic import SyntheticSource
 
 pytest_plugins = ["data_fixtures"]
@@ -75,6 +75,22 @@ def test_best_completion_is_exact():
                 brute = max(brute, sum(it.tokens for it in subset))
         assert sum(it.tokens for it in chosen) == brute
         assert sum(it.tiles for it in chosen) <= tiles_left
+
+
+def test_tile_budget_holds_where_float_ratios_round():
+    """327 tokens / 5 tiles: 981 / (327 / 5) is 15.0 in floats, so the tile check was skipped and a row got 65 / 64
+    tiles. The packer must keep the budget; the shortcut must never drop the tiles of a subset that overflows."""
+    packer: StreamPacker[None] = StreamPacker(max_tokens=4096, max_tiles=64, buffer_size=100, max_wait=64)
+    packer.add(Item((0, 0), 4096 - 3 * 327, 64 - 14))
+    for index in range(1, 4):
+        packer.add(Item((0, index), 327, 5))
+    row = packer.take_rows(1)[0]
+    assert (row.tokens, row.tiles) == (4096 - 327, 60)
+    for tiles in range(1, 10):
+        for tokens in range(tiles, 70 * tiles):
+            for copies in (2, 3, 5):  # all copies fill the tokens exactly and overflow the tiles by one
+                items = [Item((0, i), tokens, tiles) for i in range(copies)]
+                assert not _tiles_cannot_bind(items, copies * tokens, copies * tiles - 1), (tokens, tiles, copies)
 
 
 def test_overdue_documents_go_out_first():

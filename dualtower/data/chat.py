@@ -1,7 +1,8 @@
 """ChatML conversations -> token ids and shifted labels, exactly as the original (reference_spec 4.2 / 4.3).
 
 A conversation is `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message (no system prompt, no BOS); all image
-strings go in front of the first user message; literal `<|image|>` inside texts is removed first. Only
+strings go in front of the first user message; literal `<|image|>` inside texts is removed first
+(repeatedly, so that removing one cannot join the text around it into another). Only
 assistant messages are supervised, from after their `<|im_start|>assistant\\n` header through `<|im_end|>` and
 the trailing newline. Labels are shifted: label[t] = token[t + 1], the last label is IGNORE_INDEX.
 
@@ -35,7 +36,10 @@ def generation_header() -> str:
 
 
 def strip_image_tokens(text: str) -> str:
-    return text.replace(IMAGE_TOKEN, "")
+    """`text` without `<|image|>`, removed until none is left: one pass turns "<|ima<|image|>ge|>" into one."""
+    while IMAGE_TOKEN in text:
+        text = text.replace(IMAGE_TOKEN, "")
+    return text
 
 
 def build_messages(image_strings: list[str], turns: list[dict[str, str]]) -> list[dict[str, str]]:

@@ -51,7 +51,9 @@ class DataConfig:
     source: str = "synthetic"  # "synthetic" | "cauldron" | a local parquet/arrow file or folder
     cauldron_id: str = "HuggingFaceM4/the_cauldron"
     cauldron_configs: tuple[str, ...] = P_CAULDRON_CONFIGS
-    val_ratio: float = 0.05  # cauldron / local files: share held out for validation (stratified per config)
+    # Share held out for validation: local files, exactly (seeded); cauldron, each row whose content hash falls
+    # below it (about this share of every config, the same rows under any sharding; data/sources.py).
+    val_ratio: float = 0.05
     # Row budgets. At the 135m config every image is 5..17 tiles of 65 tokens: 18 tiles (the number, though not
     # the unit, of the original's max_images_per_knapsack) would bound a row at ~1,200 image tokens and fill
     # 4096-token rows to ~26%; 64 tiles packs >= 98.5% of the tokens (tests/test_data_packing.py).

@@ -44,6 +44,7 @@ DROP_REASONS = (
     "too_many_tiles",  # more tiles than a row holds
     "too_long",  # the image prefix alone does not fit the token limit
     "no_supervised_tokens",
+    "image_placeholders",  # <|image|> tokens do not match tiles x tokens per tile (e.g. an image file changed)
     "unreadable",  # the source could not read the row (loader only)
     "error",  # anything else raised while building the document (loader only; logged with its message)
 )
@@ -164,6 +165,7 @@ def prepare_document(
     segments = encode_segments(tokenizer, strings, turns)
     prefix_len = _prefix_len(segments[0][0], model_cfg.image_token_id)  # images sit in the first message
     input_ids, labels = _fit(segments, limits.max_tokens, prefix_len, events)
+    check_placeholders(input_ids, tiles_needed, model_cfg)
     if not any(label != IGNORE_INDEX for label in labels):
         raise SampleError("no_supervised_tokens")
     return PreparedDocument(
@@ -183,6 +185,7 @@ def document_from_prompt(
     grids = [processor.grid_for(*image.size) for image in loaded]
     input_ids = encode_prompt(tokenizer, _image_strings(grids, model_cfg.image_tokens_per_tile), prompt)
     labels = [IGNORE_INDEX] * len(input_ids)
+    check_placeholders(input_ids, sum(num_tiles(grid) for grid in grids), model_cfg)
     prefix_len = _prefix_len(input_ids, model_cfg.image_token_id)
     return Document(
         torch.tensor(input_ids, dtype=torch.int64),
@@ -191,6 +194,20 @@ def document_from_prompt(
         prefix_len,
         tuple(grids),
     )
+
+
+def check_placeholders(input_ids: list[int] | Tensor, tiles: int, model_cfg: ModelConfig) -> None:
+    """Raise SampleError("image_placeholders") unless the ids hold exactly tiles x tokens-per-tile `<|image|>`.
+
+    The model scatters one tile embedding per placeholder, so a mismatch would fail the whole batch later.
+    """
+    token = model_cfg.image_token_id
+    found = int((input_ids == token).sum()) if isinstance(input_ids, Tensor) else input_ids.count(token)
+    expected = tiles * model_cfg.image_tokens_per_tile
+    if found != expected:
+        raise SampleError(
+            "image_placeholders", f"{found} {IMAGE_TOKEN} tokens for {tiles} tiles x {model_cfg.image_tokens_per_tile}"
+        )
 
 
 def clean_turns(texts: Any, events: Counter) -> list[dict[str, str]]:

@@ -105,8 +105,9 @@ def _tiles_cannot_bind(candidates: list[Item[Any]], tokens_left: int, tiles_left
     tiled = [item for item in candidates if item.tiles]
     if sum(item.tiles for item in tiled) <= tiles_left:
         return True
-    min_tokens_per_tile = min(item.tokens / item.tiles for item in tiled)
-    return tokens_left / min_tokens_per_tile < tiles_left + 1
+    # A subset within the token budget has at most tokens_left / r tiles, r the smallest tokens-per-tile ratio;
+    # tokens_left / r < tiles_left + 1 for every item's r, in integers (floats err at exact multiples, 65 / 5).
+    return all(tokens_left * item.tiles < (tiles_left + 1) * item.tokens for item in tiled)
 
 
 class StreamPacker(Generic[Payload]):

@@ -16,7 +16,14 @@ from dualtower.batch import PackedBatch
 from dualtower.data.collate import collate
 from dualtower.data.config import DataConfig
 from dualtower.data.counters import LoaderStats
-from dualtower.data.document import DocumentLimits, PreparedDocument, SampleError, prepare_document
+from dualtower.data.document import (
+    Document,
+    DocumentLimits,
+    PreparedDocument,
+    SampleError,
+    check_placeholders,
+    prepare_document,
+)
 from dualtower.data.images import ImageLoadError, ImageProcessor
 from dualtower.data.packing import Item, Row, StreamPacker
 from dualtower.data.sources import Source, UnreadableSample
@@ -89,12 +96,7 @@ class ShardPipeline:
         """Make the tiles of the chosen documents (only now: the buffer holds none) and collate them."""
         docs, row_ids, kept_rows = [], [], []
         for row in rows:
-            kept = []
-            for item in row.items:
-                try:
-                    kept.append(item.payload.materialize(self.processor))
-                except (ImageLoadError, OSError) as error:  # readable a moment ago; a path may have vanished
-                    self._drop("bad_image", str(error), self.stats)
+            kept = [doc for doc in map(self._materialize, row.items) if doc is not None]
             if kept:
                 row_ids += [len(kept_rows)] * len(kept)
                 docs += kept
@@ -114,6 +116,23 @@ class ShardPipeline:
         stats.tiles += batch.pixel_values.shape[0]
         stats.supervised += batch.num_supervised
         return batch
+
+    def _materialize(self, item: Item[PreparedDocument]) -> Document | None:
+        """The document with its tiles, checked as collate will check it: one bad document must not fail a batch.
+
+        Its images were readable when it entered the buffer, but a file may have vanished or changed since.
+        """
+        try:
+            doc = item.payload.materialize(self.processor)
+            check_placeholders(doc.input_ids, doc.num_tiles, self.model_cfg)
+            return doc
+        except (ImageLoadError, OSError) as error:
+            self._drop("bad_image", str(error), self.stats)
+        except SampleError as error:
+            self._drop(error.reason, str(error), self.stats)
+        except Exception as error:  # as in _build: an input nobody foresaw must not stop training
+            self._drop("error", f"{type(error).__name__}: {error}", self.stats)
+        return None
 
     def state(self) -> dict[str, Any]:
         return {

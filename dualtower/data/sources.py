@@ -5,19 +5,28 @@ seed and the epoch, and every sample has a position inside that stream. The load
 random-access sources (synthetic, local files) fetch positions directly; streams (The Cauldron) re-read from
 the earliest position it needs.
 
+Train/validation cut of single-split data: local files take a seeded permutation (`_ratio_split`); The
+Cauldron, a stream that `datasets` splits by file across ranks and workers, holds out the rows whose content
+hash falls below `val_ratio` (`held_out`), which no sharding can change. That replaces the original's "first
+`val_ratio` of each config" (its `take`/`skip` mean something else once the stream is split): validation is
+about, no longer exactly, `val_ratio` of each config, spread over the whole config instead of its first rows.
+
 Images are kept undecoded (`{"bytes", "path"}` dicts or PIL images) so that a broken file becomes one dropped
 sample in our own decoding instead of an exception inside `datasets`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from dualtower.data.config import DataConfig
 from dualtower.data.synthetic import SyntheticSource
@@ -151,10 +160,18 @@ def _undecoded(dataset: Any) -> Any:
 class CauldronSource(Source):
     """The Cauldron through HF `datasets` streaming, as the original's P-CAULDRON loader.
 
-    Per config: the first share (`val_ratio`, stratified: largest-remainder over config sizes) is validation;
-    training streams skip it, shuffle (buffer 10,000, seed + config index) and interleave with probabilities
-    proportional to the training sizes until all are exhausted. Validation concatenates the held-out parts.
-    `load_config(name)` and `config_size(name)` can be replaced (tests use a local fake of the same schema).
+    Validation membership is a property of the row, not of its position: a row is held out when the stable
+    hash of its content (`held_out`) falls below `val_ratio`, so about `val_ratio` of every config (stratified
+    in expectation) and the same rows whatever the number of data files, ranks and workers. The original's
+    per-config `take`/`skip` cannot be kept: once `datasets` splits a stream by node or worker, both apply to
+    each piece of it, and validation and training then overlap or lose rows depending on the sharding.
+    Training interleaves the configs (each shuffled with buffer 10,000 and seed + config index) with
+    probabilities proportional to their sizes until all are exhausted, leaving out configs without rows (an
+    interleave with a zero-probability part never ends); validation concatenates them. Each loader shard reads
+    its piece of that stream and keeps the rows of its split; positions count every row of the piece, so
+    resuming skips the same rows. The price: validation rows are spread over the whole stream, so reading N of
+    them reads about N / val_ratio rows (the trainer reads its `val_batches` once). `load_config(name)` and
+    `config_size(name)` can be replaced (tests use a local fake of the same schema).
     """
 
     def __init__(
@@ -180,25 +197,24 @@ class CauldronSource(Source):
         builder = _datasets().load_dataset_builder(self.dataset_id, name)
         return int(builder.info.splits["train"].num_examples)
 
-    def val_counts(self) -> dict[str, int]:
+    def sizes(self) -> dict[str, int]:
+        """Rows per config (both splits), which weight the training interleave."""
         if self._sizes is None:
             self._sizes = {name: self._config_size(name) for name in self.configs}
-        return stratified_counts(self._sizes, int(sum(self._sizes.values()) * self.val_ratio))
+        return self._sizes
 
     def _stream(self) -> Any:
         datasets = _datasets()
-        val = self.val_counts()
+        if self.split != "train":
+            return datasets.concatenate_datasets([_undecoded(self._load_config(name)) for name in self.configs])
+        sizes = self.sizes()
         parts, weights = [], []
         for index, name in enumerate(self.configs):
+            if sizes[name] <= 0 and sum(sizes.values()) > 0:
+                continue
             stream = _undecoded(self._load_config(name))
-            if self.split == "train":
-                stream = stream.skip(val[name]).shuffle(seed=self.seed + index, buffer_size=10_000)
-                weights.append(max(self._sizes[name] - val[name], 0))
-            else:
-                stream = stream.take(val[name])
-            parts.append(stream)
-        if self.split != "train":
-            return datasets.concatenate_datasets(parts)
+            parts.append(stream.shuffle(seed=self.seed + index, buffer_size=10_000))
+            weights.append(max(sizes[name], 0))
         probabilities = [w / sum(weights) for w in weights] if sum(weights) else None
         return datasets.interleave_datasets(
             parts, probabilities=probabilities, seed=self.seed, stopping_strategy="all_exhausted"
@@ -211,19 +227,43 @@ class CauldronSource(Source):
         stream.set_epoch(epoch)
         if start:
             stream = stream.skip(start)
+        want_val = self.split != "train"
         # .iter() rather than iter(): inside a DataLoader worker the latter re-shards by worker on its own.
         for position, batch in enumerate(stream.iter(batch_size=1), start=start):
-            yield position, {key: values[0] for key, values in batch.items()}
+            row = {key: values[0] for key, values in batch.items()}
+            if held_out(row, self.val_ratio) == want_val:
+                yield position, row
 
 
-def stratified_counts(sizes: dict[str, int], total: int) -> dict[str, int]:
-    """Split `total` across configs proportionally to `sizes` with largest-remainder rounding."""
-    whole = sum(sizes.values())
-    if whole == 0 or total == 0:
-        return dict.fromkeys(sizes, 0)
-    exact = {name: total * size / whole for name, size in sizes.items()}
-    counts = {name: int(value) for name, value in exact.items()}
-    by_remainder = sorted(sizes, key=lambda name: (-(exact[name] - counts[name]), name))
-    for name in by_remainder[: total - sum(counts.values())]:
-        counts[name] += 1
-    return counts
+def held_out(row: Any, val_ratio: float) -> bool:
+    """Whether a row belongs to validation: the stable hash of its content, as a fraction of 2^64, < val_ratio.
+
+    The content is the texts and the image bytes (or paths), so identical rows share a split. The hash does
+    not depend on the seed: changing the seed keeps the validation set (as the original's, which did not
+    depend on it either), and a larger `val_ratio` holds out a superset of the rows of a smaller one.
+    """
+    if val_ratio <= 0:
+        return False
+    digest = hashlib.blake2b(digest_size=8)
+    if isinstance(row, Mapping):
+        digest.update(json.dumps(row.get("texts"), sort_keys=True, default=str).encode())
+        images = row.get("images")
+        for image in images if isinstance(images, (list, tuple)) else [images]:
+            digest.update(b"\x00image\x00")
+            digest.update(_image_identity(image))
+    else:
+        digest.update(repr(row).encode())
+    return int.from_bytes(digest.digest(), "big") < val_ratio * 2**64
+
+
+def _image_identity(image: Any) -> bytes:
+    """The bytes that identify an undecoded image: its encoded bytes, else its path, else its pixels."""
+    if isinstance(image, Mapping):
+        if image.get("bytes") is not None:
+            return bytes(image["bytes"])
+        return str(image.get("path")).encode()
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image)
+    if isinstance(image, Image.Image):
+        return f"{image.mode}{image.size}".encode() + image.tobytes()
+    return repr(image).encode()

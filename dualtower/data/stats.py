@@ -3,7 +3,9 @@
 Prints length and tile distributions, packing efficiency, samples/s and dropped samples by reason, and as its
 last line the same numbers as one JSON object.
 
-    python -m dualtower.data.stats --source synthetic --num-samples 1000 --max-tokens 4096 --max-tiles 18
+    python -m dualtower.data.stats --source synthetic --num-samples 1000 --max-tokens 4096 --max-tiles 64
+
+Row budgets, buffer, workers and seed default to DataConfig's (the `[data]` defaults of a training job).
 """
 
 from __future__ import annotations
@@ -26,19 +28,20 @@ from dualtower.tokenizer import load_tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = DataConfig()
     parser = argparse.ArgumentParser(prog="python -m dualtower.data.stats", description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="synthetic", help="synthetic | cauldron | a parquet/arrow path")
     parser.add_argument("--split", default="train", choices=("train", "val", "heldout"))
     parser.add_argument("--num-samples", type=int, default=500, help="documents to read (at least)")
-    parser.add_argument("--max-tokens", type=int, default=4096, help="token budget per row")
-    parser.add_argument("--max-tiles", type=int, default=18, help="tile budget per row")
-    parser.add_argument("--rows-per-batch", type=int, default=4)
-    parser.add_argument("--shuffle-buffer", type=int, default=512)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens_per_row, help="token budget per row")
+    parser.add_argument("--max-tiles", type=int, default=defaults.max_tiles_per_row, help="tile budget per row")
+    parser.add_argument("--rows-per-batch", type=int, default=defaults.rows_per_batch)
+    parser.add_argument("--shuffle-buffer", type=int, default=defaults.shuffle_buffer)
+    parser.add_argument("--num-workers", type=int, default=defaults.num_workers)
     parser.add_argument("--no-pack", action="store_true", help="one document per row")
     parser.add_argument("--flavor", default="135m", choices=sorted(FLAVORS), help="image/tile sizes to use")
     parser.add_argument("--tokenizer", default=None, help="tokenizer id, directory or .gguf (default: flavor's)")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
     return parser.parse_args(argv)
 
 
