@@ -132,6 +132,15 @@ def _right_decoder_weights(source: str | Path, cfg: ModelConfig) -> dict[str, Te
     return {f"right_decoder.{name}": tensor for name, tensor in lm_state.items()}
 
 
+def parse_dtype(name: str) -> torch.dtype:
+    """"bfloat16" / "bf16" / "float16" / "fp16" / "half" / "float32" / "fp32" / "float" -> the torch dtype."""
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    resolved = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"unknown floating-point dtype {name!r}")
+    return resolved
+
+
 def load_pretrained(
     source: str | Path,
     *,
@@ -145,7 +154,7 @@ def load_pretrained(
 
     source: a checkpoint directory, a weights file (config from `config_path` or the file's directory), or a
         Hub repo id. The format is detected from config.json and the weight names.
-    dtype: None keeps the checkpoint's dtype; a torch dtype or its name ("bfloat16") casts.
+    dtype: None keeps the checkpoint's dtype; a torch dtype or its name ("bfloat16", "bf16") casts.
     architecture: for nanoVLM checkpoints, "dual_tower" (default: the checkpoint is the left tower, the right
         decoder a copy of its LM, or loaded from `right_decoder_source`, an LM source as accepted by
         adapters.load_lm_weights) or "vanilla" (the checkpoint is the whole model).
@@ -163,7 +172,7 @@ def load_pretrained(
     with torch.device(device):
         model = DualTowerVLM(cfg)
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+        dtype = parse_dtype(dtype)
     model.to(dtype or _checkpoint_dtype(state))
     load_into(model, state, f"checkpoint {source}")
     logger.info("loaded %s model from %s", cfg.architecture, source)
@@ -210,8 +219,11 @@ def push_to_hub(
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         save_pretrained(model, folder, tokenizer=tokenizer)
         (Path(folder) / README_FILE).write_text(model_card(model, repo_id))
-        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+        except Exception as error:  # network, auth and Hub errors come from several libraries
+            raise CheckpointError(f"pushing to the Hub repo {repo_id} failed: {error}") from error

@@ -128,6 +128,11 @@ def test_sampling_from_gen_kwargs():
     assert sampling_from_gen_kwargs({"max_gen_toks": 5, "top_p": None, "top_k": None}).max_new_tokens == 5
     defaults = sampling_from_gen_kwargs({})
     assert (defaults.top_p, defaults.top_k, defaults.stop_strings) == (1.0, 50, ())
+    # conbench asks for top_p 0 while sampling: HF then keeps only the most likely token.
+    assert not sampling_from_gen_kwargs({"temperature": 0.2, "top_p": 0, "do_sample": True}).do_sample
+    assert sampling_from_gen_kwargs({"until": ""}).stop_strings == ()
+    with pytest.raises(ValueError, match="max_new_tokens"):  # not silently the default
+        sampling_from_gen_kwargs({"max_new_tokens": 0})
 
 
 def test_gen_kwargs_helpers():

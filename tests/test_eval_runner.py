@@ -191,3 +191,17 @@ def test_evaluation_py_is_the_cli():
     result = subprocess.run([sys.executable, "evaluation.py", "--help"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "--offline-parquet" in result.stdout and "--process_with_media" in result.stdout
+
+
+def test_long_answer_requests_are_capped_to_the_positions(runner: EvalModel, monkeypatch, caplog):
+    """Many lmms-eval tasks ask for 8k-49k new tokens: generation stops at the model's last position (with a
+    warning) instead of failing the run; a prompt that fills every position is an error."""
+    prompt = EvalPrompt([], "Hi")
+    length = runner._prepared(prompt).input_ids.numel()
+    monkeypatch.setattr(runner.cfg.lm, "max_position_embeddings", length + 3)
+    capped = runner.generate([prompt], sampling_from_gen_kwargs({"max_new_tokens": 8192}))
+    assert "max_new_tokens 8192 capped to 3" in caplog.text
+    assert capped == runner.generate([prompt], sampling_from_gen_kwargs({"max_new_tokens": 3}))
+    monkeypatch.setattr(runner.cfg.lm, "max_position_embeddings", length)
+    with pytest.raises(ValueError, match="fills all"):
+        runner.generate([prompt], sampling_from_gen_kwargs({"max_new_tokens": 4}))

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file, save_model
 from test_adapters import reference_p_ocr_config
 from torch import nn
 
-from dualtower.hub import CheckpointError, load_pretrained
+from dualtower.hub import CheckpointError, load_pretrained, parse_dtype, push_to_hub
 from dualtower.model import DualTowerVLM
 from dualtower.model.config import LMConfig, ModelConfig, VisionConfig, flavor
 
@@ -221,6 +221,35 @@ def test_original_checkpoint_with_embedding_names_loads(tmp_path: Path) -> None:
         tensors[tower + "token_embedding.weight"] = tensors.pop(tower + "head.weight")
     save_file(tensors, tmp_path / "model.safetensors")
     assert_same_state(load_pretrained(tmp_path), model)
+
+
+def test_dtype_names_and_aliases() -> None:
+    assert [parse_dtype(n) for n in ("bf16", "bfloat16", "fp16", "half", "fp32", "float")] == [
+        torch.bfloat16, torch.bfloat16, torch.float16, torch.float16, torch.float32, torch.float32,
+    ]  # fmt: skip
+    for bad in ("int8", "bf17"):
+        with pytest.raises(ValueError, match="unknown floating-point dtype"):
+            parse_dtype(bad)
+
+
+def test_push_to_hub_failure_names_the_repo(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", unreachable)
+    with pytest.raises(CheckpointError, match=r"someone/tiny.*Name or service"):
+        push_to_hub(tiny_model(), "someone/tiny")
+
+
+def test_bf16_original_checkpoint_loads_with_fp32_rope(tmp_path: Path) -> None:
+    """The original saves its persistent inv_freq buffers in the model's dtype: bf16-rounded frequencies."""
+    model = tiny_model()
+    write_original(original_modules(model).to(torch.bfloat16), model.cfg, tmp_path)  # casts `model` too
+    loaded = load_pretrained(tmp_path)
+    assert_same_state(loaded, model)
+    assert loaded.left_decoder.rotary.inv_freq.dtype == torch.float32
 
 
 def test_original_checkpoint_with_wrong_inv_freq_is_rejected(tmp_path: Path) -> None:

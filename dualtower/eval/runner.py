@@ -27,6 +27,7 @@ from dualtower.data.collate import collate
 from dualtower.data.document import Document, document_from_prompt
 from dualtower.data.images import ImageProcessor
 from dualtower.generation import Generator, PreparedPrompt, SamplingConfig
+from dualtower.hub import parse_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def _scalar(value: str) -> Any:
 
 def stop_strings(gen_kwargs: Mapping[str, Any]) -> tuple[str, ...]:
     until = gen_kwargs.get("until")
-    if until is None:
+    if not until:
         return ()
     return (until,) if isinstance(until, str) else tuple(s for s in until if s)
 
@@ -91,12 +92,15 @@ def sampling_from_gen_kwargs(
         logger.debug("ignoring generation kwargs %s", ignored)
     if (gen_kwargs.get("num_beams") or 1) > 1:
         logger.warning("beam search is not supported; generating with num_beams=1")
-    max_new = gen_kwargs.get("max_new_tokens", gen_kwargs.get("max_gen_toks")) or default_max_new_tokens
+    max_new = gen_kwargs.get("max_new_tokens", gen_kwargs.get("max_gen_toks"))
+    max_new = default_max_new_tokens if max_new is None else max_new
     do_sample = gen_kwargs.get("do_sample")
     temperature = gen_kwargs.get("temperature")
     temperature = float((1.0 if do_sample else 0.0) if temperature is None else temperature)  # HF: 1.0
     do_sample = temperature > 0 if do_sample is None else bool(do_sample) and temperature > 0
     top_p = gen_kwargs.get("top_p")
+    if do_sample and top_p is not None and top_p <= 0:  # HF then keeps only the most likely token: greedy
+        do_sample, top_p = False, None
     top_k = gen_kwargs.get("top_k", DEFAULT_TOP_K)
     return SamplingConfig(
         max_new_tokens=int(max_new),
@@ -200,12 +204,30 @@ class EvalModel:
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             prepared = [self._prepared(prompts[i]) for i in chunk]
-            results = self.generator.generate_prepared(prepared, sampling)
+            results = self.generator.generate_prepared(prepared, self._within_positions(prepared, sampling))
             for index, result in zip(chunk, results, strict=True):
                 texts[index] = cut_at_stop(result.text, sampling.stop_strings)
             if progress is not None:
                 progress(len(chunk))
         return texts
+
+    def _within_positions(self, prepared: Sequence[PreparedPrompt], sampling: SamplingConfig) -> SamplingConfig:
+        """Cap max_new_tokens where a batch would run past the model's positions: many lmms-eval tasks ask for
+        8k-49k new tokens, and generation stops at the last position instead of failing the run."""
+        limit = self.cfg.lm.max_position_embeddings
+        room = limit - max(p.input_ids.numel() for p in prepared)
+        if room < 1:
+            raise ValueError(f"a prompt fills all {limit} of the model's positions: no room to generate")
+        if sampling.max_new_tokens <= room:
+            return sampling
+        logger.warning(
+            "max_new_tokens %d capped to %d: the longest prompt of the batch leaves no more of the model's %d "
+            "positions",
+            sampling.max_new_tokens,
+            room,
+            limit,
+        )
+        return replace(sampling, max_new_tokens=room)
 
     def _prepared(self, prompt: EvalPrompt) -> PreparedPrompt:
         document = self.prompt_document(prompt)
@@ -319,11 +341,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -
         return dtype
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-    resolved = getattr(torch, aliases.get(str(dtype), str(dtype)), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
-    return resolved
+    return parse_dtype(str(dtype))
 
 
 def gen_kwargs_key(gen_kwargs: Mapping[str, Any]) -> str:
