@@ -319,3 +319,25 @@ def test_prompt_plus_max_new_tokens_beyond_the_positions_is_refused_before_any_w
         engine.generate_prepared(prompts[:2], greedy(4))
     del engine._prefix_kv
     assert len(engine.generate_prepared(prompts[:2], greedy(3))[1].token_ids) == 3  # exactly at the limit
+
+
+def test_compiled_decode_keeps_compiling_past_eight_buckets() -> None:
+    """Every (rows, capacity) bucket is its own static graph; evaluation easily passes dynamo's default limit of 8
+    graphs per function, after which new buckets would silently decode eagerly."""
+    from torch._dynamo.testing import CompileCounter
+
+    from dualtower.generation.engine import compiled_block_decode
+    from dualtower.generation.kv_cache import StaticKVCache, decode_step
+    from dualtower.model.config import LMConfig
+    from dualtower.model.language import LanguageModel
+
+    lm = LanguageModel(LMConfig(hidden_dim=32, inter_dim=48, n_heads=4, n_kv_heads=2, n_blocks=1, base_vocab_size=64))
+    counter = CompileCounter()
+    block_fn = compiled_block_decode(counter)
+    buckets = [(rows, capacity) for capacity in (8, 16, 24) for rows in (1, 2, 3, 4)]
+    for rows, capacity in buckets:
+        cache = StaticKVCache(lm.eval(), rows, capacity, torch.float32, torch.device("cpu"))
+        tokens = torch.zeros(rows, dtype=torch.long)
+        with torch.inference_mode():
+            decode_step(lm, tokens, tokens, cache.keys, cache.values, block_fn=block_fn)
+    assert counter.frame_count == len(buckets)

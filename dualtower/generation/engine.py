@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_EOS_TOKEN_ID = 2  # <|im_end|>
 CAPACITY_BUCKET = 256  # compiled decode: round the cache length up so that few shapes get compiled
+DECODE_GRAPH_LIMIT = 64  # compiled decode graphs (rows x capacity buckets) before new buckets run eagerly
 MAX_TILES_PER_LEFT_PASS = 64  # bounds the vision tower's activation memory
 
 
@@ -337,9 +338,14 @@ class _DecodeLoop:
 
 
 @functools.cache
-def compiled_block_decode() -> Callable[..., Tensor]:
-    """One compiled block_decode per process: Generators share its compiled code instead of recompiling."""
-    return torch.compile(block_decode, dynamic=False)
+def compiled_block_decode(backend: Any = "inductor") -> Callable[..., Tensor]:
+    """One compiled block_decode per process: Generators share its compiled code instead of recompiling.
+
+    Each (rows, capacity) bucket is its own static graph (what the CUDA graphs replay). Dynamo's default limit
+    of 8 graphs per function would make the 9th bucket of an evaluation run decode eagerly.
+    """
+    compiled = torch.compile(block_decode, dynamic=False, backend=backend)
+    return torch._dynamo.config.patch(recompile_limit=DECODE_GRAPH_LIMIT)(compiled)
 
 
 def left_tower_batch(prompts: Sequence[PreparedPrompt], cfg: Any) -> PackedBatch:
