@@ -182,3 +182,23 @@ def test_skipped_steps_leave_the_window_loss_and_tokens_alone(tmp_path) -> None:
     assert record["step"] == 5 and record["skipped_steps"] == 1
     assert record["supervised_tokens"] == tokens
     assert record["loss"] == pytest.approx(sum(r["loss"] * r["supervised_tokens"] for r in applied) / tokens)
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA H200 NVL", 835e12),
+        ("NVIDIA H100 80GB HBM3 MIG 3g.40gb", None),  # a slice: its share of the peak is unknown
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_peak_flops_by_device_name(monkeypatch: pytest.MonkeyPatch, name: str, peak: float | None) -> None:
+    from dualtower.training.flops import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda")) == peak
+    assert peak_flops(torch.device("cpu")) is None

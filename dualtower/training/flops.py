@@ -27,7 +27,7 @@ document and layer, text queries P + j + 1 keys each, the ViT S^2 per tile and l
 the full square; this counts the work the model requires, so the number is the same whichever kernel runs.)
 
 Peak bf16 dense FLOP/s (torchtitan's table): H100 SXM 989e12, H100 NVL 835e12, H100 PCIe 756e12, H200 989e12,
-A100 312e12, B200 2.25e15. On other devices (and CPUs) MFU is reported as null.
+H200 NVL 835e12, A100 312e12, B200 2.25e15. On other devices, MIG slices and CPUs MFU is reported as null.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ PEAK_BF16_FLOPS = (
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
     ("H100", 989e12),
+    ("H200 NVL", 835e12),
     ("H200", 989e12),
     ("A100", 312e12),
     ("GB200", 2.5e15),
@@ -58,6 +59,9 @@ def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
+    if " MIG " in f" {name} ":  # a slice of the card: its share of the peak is not known from the name
+        logger.warning("MIG device %r: MFU is reported as null", name)
+        return None
     for key, value in PEAK_BF16_FLOPS:
         if key in name:
             return value

@@ -25,9 +25,12 @@ TRAIN_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_me
 
 
 def peak_memory_gib(device: torch.device) -> float:
-    """Peak allocated CUDA memory, or the process's peak resident memory on CPU."""
+    """Peak allocated CUDA memory since the previous call (the counter is reset, so an evaluation's peak shows
+    only in its own window), or the process's peak resident memory on CPU (which cannot be reset)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
     # ru_maxrss is in KiB on Linux.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 

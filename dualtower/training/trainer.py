@@ -6,11 +6,12 @@ Every micro-batch contributes loss_sum / N, where loss_sum is the (fp32) sum of 
 of supervised tokens of the whole step on all ranks (host counts, all-reduced once per step). Gradients are
 summed across ranks (see dualtower.parallel.fsdp), so the update equals that of one batch holding all the data.
 
-Host syncs: none per step on the fused-AdamW path (the default): a non-finite gradient norm makes the fused kernel
-skip the update on the device (`found_inf`) and the skip counters (including the longest run of skipped steps in
-the logging window) live on the device until the next logging step. The foreach path checks the norm on the host
-every step. A step with a non-finite loss or gradient norm adds neither its loss nor its supervised tokens to the
-logged window (a window where no step counts logs loss null).
+Host syncs: the trainer adds none per step on the fused-AdamW path (the default): a non-finite gradient norm makes
+the fused kernel skip the update on the device (`found_inf`) and the skip counters (including the longest run of
+skipped steps in the logging window) live on the device until the next logging step. The foreach path checks the
+norm on the host every step. (The fused loss itself syncs once per micro-batch, to select the supervised rows.) A
+step with a non-finite loss or gradient norm adds neither its loss nor its supervised tokens to the logged window
+(a window where no step counts logs loss null).
 """
 
 from __future__ import annotations
