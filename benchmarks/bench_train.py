@@ -169,7 +169,7 @@ def test_train_step(benchmark, case: Case, provider: str, tmp_path: Path) -> Non
     median = median_s(benchmark)
     if median is None:
         return
-    memory = peak_mem_gib()
+    memory = peak_mem_gib() if device.type == "cuda" else None  # a CPU case on a GPU machine: none
     flops = _model_flops(case, model, packed)
     device_peak = peak_flops(device)
     figures = {

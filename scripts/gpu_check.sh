@@ -101,10 +101,11 @@ if [[ $mode == run ]]; then
     mkdir -p "$out_dir/profile"
     unset TRITON_INTERPRET
     export DUALTOWER_BENCH_LOG="$out_dir/results.jsonl" DUALTOWER_BENCH_PROFILE_DIR="$out_dir/profile"
-    export WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+    # No network on the GPU machine: the Hub client must not probe it (a DNS lookup and a timeout per load).
+    export WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
     : >"$DUALTOWER_BENCH_LOG"
 fi
-[[ ${GPU_CHECK_INSTALL:-1} == 1 ]] && run_stage install 60 python -m pip install -q --no-deps --no-build-isolation -e .
+[[ ${GPU_CHECK_INSTALL:-1} == 1 ]] && run_stage install 60 python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 if [[ $mode == run ]]; then
     if ! python -c "import dualtower, dualtower_kernels" 2>/dev/null; then
         echo "editable install unusable: using PYTHONPATH" >&2

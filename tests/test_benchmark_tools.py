@@ -36,6 +36,9 @@ def test_the_benchmarks_wrong_result_check_admits_rounding_and_catches_errors() 
     wrong = grad.clone()
     wrong[17] = 0.0  # one row the kernel forgot
     assert common.relative_error((out, wrong), (out, grad)) > common.WRONG_RESULT
+    empty = torch.empty(0, 3, 64)  # the left tower's prefix K/V gradients: nothing to compare
+    assert common.relative_error((out, empty), (out, empty.clone())) == 0.0
+    assert common.relative_error((wrong, empty), (grad, empty.clone())) > common.WRONG_RESULT
 
 
 def _bench(name: str, group: str, median: float, **extra) -> dict:
