@@ -1,6 +1,9 @@
 """What every benchmark file shares: the device, synchronized timing, peak memory, and the extra_info keys.
 
-extra_info keys (the same names in every file; scripts/summarize_benchmarks.py reads them):
+extra_info keys (the same names in every file, each where it applies; scripts/summarize_benchmarks.py reads
+them): tokens_per_s where the work has tokens (train, compare, decode, data), mfu where it has model FLOPs
+(train, compare, kernels; decode is bound by memory and reports gb_s instead), nothing device-side for the
+host-only data pipeline.
     device           the device name ("NVIDIA H100 80GB HBM3", "cpu")
     provider, role   the implementation timed by this entry; role "fast" (dualtower's path) or "baseline"
     baseline         the name of the primary baseline the fast path is compared with

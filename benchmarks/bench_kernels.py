@@ -40,6 +40,7 @@ from _common import (
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from dualtower import ops
+from dualtower.training import peak_flops
 from dualtower_kernels.decode_attention import decode_attention_reference
 from dualtower_kernels.linear_cross_entropy import linear_cross_entropy_reference
 from dualtower_kernels.prefix_attention import concat_prefix_text
@@ -107,6 +108,8 @@ def _measure(benchmark, key: tuple, providers: Providers, provider: str, baselin
         info["rel_err_vs_reference"] = error
     if flops:
         info["tflops"] = flops / ms / 1e9
+        peak = peak_flops(DEVICE)
+        info["mfu"] = flops / seconds / peak if peak else None
     if bytes_moved:
         info["gb_s"] = bytes_moved / ms / 1e6
     if provider != fast:

@@ -202,3 +202,22 @@ def test_peak_flops_by_device_name(monkeypatch: pytest.MonkeyPatch, name: str, p
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert peak_flops(torch.device("cuda")) == peak
     assert peak_flops(torch.device("cpu")) is None
+
+
+def test_gradients_are_clipped_to_max_grad_norm_and_the_norm_before_is_logged(tmp_path) -> None:
+    model = tiny_model().double()
+    micro = make_batches(model, [LAYOUT_A], seed=5)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    unclipped_trainer = build_trainer(model, micro, tmp_path / "free")
+    unclipped = _grads_at_step(unclipped_trainer, micro)
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in unclipped.values()])).item()
+    assert unclipped_trainer.last_grad_norm.item() == pytest.approx(norm, rel=1e-12)
+
+    model.load_state_dict(state)
+    cfg = default_job()
+    cfg.training.max_grad_norm = norm / 10
+    clipped_trainer = build_trainer(model, micro, tmp_path / "clipped", cfg)
+    clipped = _grads_at_step(clipped_trainer, micro)
+    assert clipped_trainer.last_grad_norm.item() == pytest.approx(norm, rel=1e-12)  # the norm before clipping
+    for name, grad in unclipped.items():  # the same direction, scaled to max_grad_norm
+        torch.testing.assert_close(clipped[name], grad / 10, rtol=1e-6, atol=1e-12, msg=name)
