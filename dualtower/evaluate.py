@@ -17,6 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_MODEL = "patrickamadeus/dualtower-cauldron"
 DEFAULT_TASKS = "mmstar"
 DEFAULT_SEED = "0,1234,1234,1234"  # lmms-eval's: python random, numpy, torch, few-shot sampling
@@ -270,9 +272,19 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.offline_parquet:
-        return run_offline(args)
-    return run_lmms_eval(args)
+    try:
+        if args.offline_parquet:
+            if not Path(args.offline_parquet).exists():
+                raise FileNotFoundError(f"--offline-parquet {args.offline_parquet} does not exist")
+            return run_offline(args)
+        return run_lmms_eval(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # a CLI reports a failure in one line; --verbosity DEBUG keeps the traceback
+        logger.debug("evaluation failed", exc_info=True)
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        sys.stderr.write(f"error: {message}\n")
+        return 1
 
 
 if __name__ == "__main__":

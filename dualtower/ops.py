@@ -207,6 +207,12 @@ def selected_backend(op: str, device: torch.device | str) -> str:
     return CHUNKED if CHUNKED in _IMPLEMENTATIONS[op] else REFERENCE
 
 
+def check_backends(device: torch.device | str) -> None:
+    """Raise now, rather than inside the first forward, if an op's chosen backend cannot run on `device`."""
+    for op in _IMPLEMENTATIONS:
+        selected_backend(op, device)
+
+
 def _resolve(op: str, device: torch.device) -> Callable[..., Tensor]:
     name = selected_backend(op, device)
     key = (op, name, device.type)

@@ -15,11 +15,12 @@ import sys
 from pathlib import Path
 
 from dualtower import ops
+from dualtower.adapters.common import CheckpointError
 from dualtower.config import JobConfig, load_job_config, usage
 from dualtower.data.loader import build_loader
 from dualtower.model.config import ConfigError
 from dualtower.parallel import init_distributed, teardown
-from dualtower.tokenizer import load_tokenizer
+from dualtower.tokenizer import TokenizerError, load_tokenizer
 from dualtower.training import (
     Evaluator,
     NonFiniteLossError,
@@ -37,6 +38,10 @@ def run(cfg: JobConfig) -> None:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         ops.set_backend(cfg.model.attention_backend)
+        try:
+            ops.check_backends(env.device)
+        except (ValueError, RuntimeError) as exc:
+            raise ConfigError(f"model.attention_backend = {cfg.model.attention_backend!r}: {exc}") from exc
         model = build_model(cfg.model, cfg.training.seed, env.device)
         tokenizer = load_tokenizer(checkpoint_dir=cfg.model.checkpoint or None, tokenizer_id=model.cfg.tokenizer_id)
         loaders = {
@@ -71,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(cfg)
-    except (NonFiniteLossError, FileNotFoundError) as exc:
+    except ConfigError as exc:  # what only shows once the run starts (the device, a backend)
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (NonFiniteLossError, FileNotFoundError, CheckpointError, TokenizerError) as exc:
+        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 3
     return 0
 

@@ -129,6 +129,15 @@ def render(summary: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return summarize(args)
+    except Exception as error:  # a CLI reports a failure in one line (exit status 1)
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SystemExit(f"error: {message}") from error
+
+
+def summarize(args: argparse.Namespace) -> dict[str, Any]:
+    """Read a source as the loader would and print (and return) what the pipeline made of it."""
     model_cfg = flavor(args.flavor)
     tokenizer = load_tokenizer(tokenizer_id=args.tokenizer or model_cfg.tokenizer_id)
     cfg = DataConfig(

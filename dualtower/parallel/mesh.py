@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from dualtower.model.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -33,7 +35,7 @@ class DistEnv:
 
 def _pick_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("training.device = 'cuda' but CUDA is not available")
+        raise ConfigError("training.device = 'cuda' but CUDA is not available")
     if preference in ("auto", "cuda") and torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)

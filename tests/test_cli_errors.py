@@ -1,0 +1,57 @@
+"""The command-line tools report common mistakes in one line (no traceback) with a non-zero exit status."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG_RECIPE = str(ROOT / "train" / "configs" / "debug.toml")
+
+
+def _one_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.startswith("error:") or "Traceback" in line]
+    assert len(lines) == 1 and "Traceback" not in text, text
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def train_main():
+    spec = importlib.util.spec_from_file_location("train_main", ROOT / "train" / "main.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize(
+    ("override", "status", "message"),
+    [
+        ("--training.device=cuda", 2, "CUDA is not available"),  # this machine has no GPU (CI neither)
+        ("--model.checkpoint=/nonexistent/checkpoint", 3, "does not exist"),
+        ("--model.lm_backbone=/nonexistent/lm.gguf", 3, "does not exist"),
+    ],
+)
+def test_train_mistakes_found_at_run_time_are_one_line(train_main, capsys, tmp_path, override, status, message):
+    argv = ["--config", DEBUG_RECIPE, f"--job.run_dir={tmp_path}", override]
+    assert train_main(argv) == status
+    assert message in _one_line(capsys.readouterr().err)
+
+
+def test_evaluate_reports_a_missing_file_or_checkpoint_in_one_line(capsys, tmp_path):
+    from dualtower.evaluate import main
+
+    assert main(["--model", str(tmp_path / "none"), "--offline-parquet", str(tmp_path / "missing.parquet")]) == 1
+    assert "missing.parquet does not exist" in _one_line(capsys.readouterr().err)
+    parquet = tmp_path / "mmstar.parquet"
+    parquet.write_bytes(b"")
+    assert main(["--model", str(tmp_path / "none"), "--offline-parquet", str(parquet)]) == 1
+    assert "none" in _one_line(capsys.readouterr().err)
+
+
+def test_data_stats_reports_a_missing_source_in_one_line(tmp_path):
+    from dualtower.data.stats import main
+
+    with pytest.raises(SystemExit, match=r"^error: .*nope\.parquet"):
+        main(["--source", str(tmp_path / "nope.parquet"), "--num-samples", "4"])
