@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dualtower import ops
 from dualtower.data.config import DataConfig
 from dualtower.model.config import FLAVORS, ConfigError
 
@@ -43,7 +44,7 @@ class ModelSection:
     image_mean: tuple[float, ...] = ()
     image_std: tuple[float, ...] = ()
     dtype: str = "float32"  # storage dtype of the (master) parameters
-    attention_backend: str = "auto"  # dualtower.ops backend: auto | reference | a registered kernel backend
+    attention_backend: str = "auto"  # one of dualtower.ops.BACKENDS: auto, triton, flash, torch_varlen, chunked, ...
 
 
 @dataclass
@@ -173,6 +174,7 @@ def _validate_sections(cfg: JobConfig) -> None:
     m, o, s, t, p = cfg.model, cfg.optim, cfg.schedule, cfg.training, cfg.parallel
     _check(m.flavor in FLAVORS, f"model.flavor must be one of {', '.join(sorted(FLAVORS))}, got {m.flavor!r}")
     _one_of(m.dtype, ("float32", "bfloat16"), "model.dtype")
+    _one_of(m.attention_backend, ops.BACKENDS, "model.attention_backend")
     for key in ("image_mean", "image_std"):
         _check(len(getattr(m, key)) in (0, 3), f"model.{key} needs 3 values (one per RGB channel) or none")
     _check(all(s > 0 for s in m.image_std), "model.image_std must be positive")
@@ -297,18 +299,21 @@ def _parse_text(text: str, hint: Any, key: str) -> Any:
         known = ("true", "false", "1", "0", "yes", "no", "on", "off")
         _check(lowered in known, f"{key} expects true or false, got {text!r}")
         return lowered in ("true", "1", "yes", "on")
+    toml_text = text
     if origin in (tuple, list) and not text.lstrip().startswith("["):
+        # A pasted Python tuple would otherwise split into the words '(a' and 'b)'.
+        _check(not text.lstrip().startswith("("), f"{key} takes a,b or [a, b], not a tuple: got {text!r}")
         if _holds_strings(hint) and not any(quote in text for quote in "'\""):
             return _comma_list(text)  # --data.cauldron_configs=ai2d,chartqa (unquoted words)
-        text = "[" + text + "]"
+        toml_text = "[" + text + "]"
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        return tomllib.loads(f"v = {toml_text}")["v"]
     except tomllib.TOMLDecodeError:
         pass
     if hint is float:
         with contextlib.suppress(ValueError):
             return float(text)
-    return text  # a bare word; _coerce reports it if the field wants something else
+    return text  # a bare word; _coerce reports it (as the user wrote it) if the field wants something else
 
 
 def _holds_strings(hint: Any) -> bool:
@@ -376,10 +381,19 @@ def usage() -> str:
             if dataclasses.is_dataclass(value):
                 walk(value, f"{prefix}{f.name}.")
             else:
-                lines.append(f"  --{prefix}{f.name}={value!r}")
+                lines.append(f"  --{prefix}{f.name}={_cli_text(value)}")
 
     walk(JobConfig(), "")
     return "\n".join(lines)
+
+
+def _cli_text(value: Any) -> str:
+    """A default as `--key=` text that `_parse_text` reads back: true/false, comma lists ("" = empty list)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return ",".join(_cli_text(item) for item in value)
+    return "none" if value is None else str(value)
 
 
 def load_job_config(argv: list[str]) -> JobConfig:

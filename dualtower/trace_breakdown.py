@@ -7,10 +7,11 @@ Prints markdown tables:
 Phases come from the profiler's own annotations: backward = under `autograd::engine::evaluate_function`,
 optimizer = under `Optimizer.step` / `Optimizer.zero_grad`, forward = everything else (the forward pass, the
 loss, gradient clipping, batch copies). Categories come from kernel / operator names (CATEGORIES below), except
-that whatever runs inside one of our custom ops (`dualtower::...`) counts under that op's category: the chunked
-loss's GEMMs and exps are cross-entropy time, not generic matmul / elementwise time. It reads any chrome trace
-of torch's profiler: training steps (`train/main.py --profile`) and generation (`python -m dualtower.generate
---profile DIR`).
+that whatever runs inside one of our custom ops (`dualtower::...`, or its backward's autograd node) counts under
+that op's category: the chunked loss's GEMMs and exps are cross-entropy time, not generic matmul / elementwise
+time. It reads any chrome trace of torch's profiler: training steps (`train/main.py --profile`) and generation
+(`python -m dualtower.generate --profile DIR`). Given a directory (a run's profile/ folder), it breaks down each
+trace in it (*.json, *.json.gz), one after the other.
 """
 
 from __future__ import annotations
@@ -118,9 +119,15 @@ def _context(name: str, parent: _Frame | None) -> tuple[str, str | None]:
         phase = "backward"
     elif name.startswith("Optimizer."):
         phase = "optimizer"
-    if name.startswith("dualtower::") and category(name) != "other":
+    if _is_custom_op(name) and category(name) != "other":
         owner = category(name)
     return phase, owner
+
+
+def _is_custom_op(name: str) -> bool:
+    """One of our ops, or the autograd node of its backward (`GeneratedBackwardFor_dualtower_<op>_...Backward`,
+    also inside the `autograd::engine::evaluate_function: ...` event that runs it)."""
+    return name.startswith("dualtower::") or "GeneratedBackwardFor_dualtower_" in name
 
 
 def _busy_ms(intervals: list[tuple[float, float]]) -> float:
@@ -180,17 +187,49 @@ def format_breakdown(result: Breakdown, top: int = 12) -> str:
     return "\n".join(lines)
 
 
+class TraceError(Exception):
+    """A CLI argument that names no readable trace (printed as one line)."""
+
+
+def _traces(path: Path) -> list[Path]:
+    """The traces named by a CLI argument: the file itself, or each trace in a directory."""
+    if path.is_dir():
+        traces = sorted(p for p in path.iterdir() if p.name.endswith((".json", ".json.gz")))
+        if not traces:
+            raise TraceError(f"no traces (*.json, *.json.gz) in {path}")
+        return traces
+    if not path.is_file():
+        raise TraceError(f"trace not found: {path}")
+    if path.suffix == ".txt":  # the profiler's op table written beside each trace
+        raise TraceError(f"{path} is the profiler's text table; pass the trace beside it: {path.with_suffix('.json')}")
+    return [path]
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    try:
+        return load_trace(path)
+    except (OSError, ValueError, KeyError) as exc:  # bad gzip, bad JSON (a ValueError), no traceEvents
+        raise TraceError(f"{path} is not a chrome trace of torch's profiler ({type(exc).__name__}: {exc})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dualtower.trace_breakdown", description="Where a traced step's time went."
     )
-    parser.add_argument("trace", type=Path, help="a chrome trace written by --profile (.json or .json.gz)")
+    parser.add_argument(
+        "trace", type=Path, help="a chrome trace written by --profile (.json or .json.gz), or a folder of them"
+    )
     parser.add_argument("--top", type=int, default=12, help="kernels / operators listed")
     args = parser.parse_args(argv)
-    if not args.trace.is_file():
-        sys.stderr.write(f"error: trace not found: {args.trace}\n")
+    try:
+        reports = [(trace, breakdown(_read(trace))) for trace in _traces(args.trace)]
+    except TraceError as exc:
+        sys.stderr.write(f"error: {exc}\n")
         return 2
-    sys.stdout.write(format_breakdown(breakdown(load_trace(args.trace)), args.top) + "\n")
+    for index, (trace, result) in enumerate(reports):
+        if len(reports) > 1:  # a folder: one titled breakdown per trace
+            sys.stdout.write(("\n" if index else "") + f"## {trace.name}\n\n")
+        sys.stdout.write(format_breakdown(result, args.top) + "\n")
     return 0
 
 

@@ -13,6 +13,7 @@ from the same run). Keys are those of benchmarks/_common.py.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import dataclass, field
@@ -131,14 +132,21 @@ def summarize(results: Results) -> str:
 
 
 def main(argv: list[str]) -> int:
-    paths = [Path(arg) for arg in argv]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if not paths or missing:
-        print("usage: python scripts/summarize_benchmarks.py RESULTS.json|RESULTS.jsonl [...]", file=sys.stderr)
-        if missing:
-            print(f"not found: {', '.join(missing)}", file=sys.stderr)
+    parser = argparse.ArgumentParser(
+        prog="python scripts/summarize_benchmarks.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],  # what RESULTS may be and how the ratios are read
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("results", nargs="+", type=Path, metavar="RESULTS",
+                        help="a pytest-benchmark JSON file (--benchmark-json) or a DUALTOWER_BENCH_LOG JSONL file")
+    args = parser.parse_args(argv)
+    missing = [str(p) for p in args.results if not p.is_file()]
+    if missing:
+        parser.print_usage(sys.stderr)
+        print(f"error: not found: {', '.join(missing)}", file=sys.stderr)
         return 2
-    print(summarize(load(paths)))
+    print(summarize(load(args.results)))
     return 0
 
 

@@ -79,6 +79,17 @@ def test_summary_table_ratios_throughput_and_deduplication(tmp_path: Path) -> No
     assert summarize.main([str(tmp_path / "missing.json")]) == 2
 
 
+def test_summarizer_help_explains_its_arguments(capsys) -> None:
+    summarize = _summarizer()
+    with pytest.raises(SystemExit) as done:
+        summarize.main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python scripts/summarize_benchmarks.py") and "DUALTOWER_BENCH_LOG" in out
+    assert summarize.main(["missing.json"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "error: not found: missing.json"
+
+
 def _run_bench_file(tmp_path: Path, source: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `source` as a bench file beside copies of benchmarks/conftest.py and _common.py."""
     for name in ("conftest.py", "_common.py"):

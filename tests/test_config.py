@@ -127,11 +127,34 @@ def test_cli_error_is_one_line_without_traceback() -> None:
 def test_usage_lists_every_key_and_each_is_a_valid_override() -> None:
     from dualtower.config import usage
 
-    keys = [line.strip()[2:].partition("=")[0] for line in usage().splitlines() if line.startswith("  --")]
+    printed = [line.strip() for line in usage().splitlines() if line.startswith("  --")]
+    keys = [arg[2:].partition("=")[0] for arg in printed]
     assert {"training.steps", "data.synthetic.difficulty", "optim.lr_left", "profile.steps"} <= set(keys)
+    assert {"--optim.betas=0.9,0.999", "--profile.steps=3,4", "--model.image_mean="} <= set(printed)
     defaults = JobConfig()
-    for key in keys:  # the listed spelling is accepted back as an override of its own default
-        load_job_config([f"--{key}={_default_text(defaults, key)}"])
+    for arg, key in zip(printed, keys, strict=True):  # the exact printed text reads back as the default
+        assert _value(load_job_config([arg]), key) == _value(defaults, key), arg
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("--optim.betas=(0.9, 0.999)", "optim.betas takes a,b or [a, b], not a tuple: got '(0.9, 0.999)'"),
+        ("--data.cauldron_configs=(ai2d, chartqa)", "not a tuple: got '(ai2d, chartqa)'"),
+        ("--profile.steps=three", "profile.steps expects a list, got 'three'"),  # the text as typed
+        ("--model.attention_backend=bogus", "model.attention_backend must be one of auto, "),
+    ],
+)
+def test_bad_list_and_backend_errors_quote_what_was_typed(arg: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_job_config([arg])
+    assert message in str(error.value)
+
+
+def test_empty_lists_and_backends_parse() -> None:
+    cfg = load_job_config(["--model.image_mean=0.5,0.5,0.5", "--model.image_mean=", "--data.cauldron_configs="])
+    assert cfg.model.image_mean == () and cfg.data.cauldron_configs == ()
+    assert load_job_config(["--model.attention_backend=reference"]).model.attention_backend == "reference"
 
 
 def _value(cfg: JobConfig, dotted: str):
@@ -139,10 +162,3 @@ def _value(cfg: JobConfig, dotted: str):
     for part in dotted.split("."):
         value = getattr(value, part)
     return value
-
-
-def _default_text(cfg: JobConfig, dotted: str) -> str:
-    value = _value(cfg, dotted)
-    if isinstance(value, tuple):
-        return "[" + ", ".join(repr(v) for v in value) + "]"
-    return str(value).lower() if isinstance(value, bool) else str(value)

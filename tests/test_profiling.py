@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,6 +40,31 @@ def test_step_profiler_traces_only_the_chosen_steps(tmp_path: Path) -> None:
     assert not result.device
     assert result.categories["matmul"] > 0
     assert all(result.phases[phase] > 0 for phase in ("forward", "backward", "optimizer"))
+
+
+def test_step_profiler_warns_about_steps_it_will_never_trace(caplog) -> None:
+    cfg = SimpleNamespace(enabled=True, steps=(2, 5, 9), folder="profile")
+    with caplog.at_level(logging.WARNING, logger="dualtower.training.profiling"):
+        StepProfiler(cfg, Path("run"), rank=0, device=torch.device("cpu")).warn_untraced(4, 8)  # resumed at 3
+        StepProfiler(cfg, Path("run"), rank=0, device=torch.device("cpu")).warn_untraced(2, 9)  # all reachable
+        StepProfiler(cfg, Path("run"), rank=1, device=torch.device("cpu")).warn_untraced(4, 8)  # rank 0 says it
+        StepProfiler(cfg, Path("run"), rank=0, device=torch.device("cpu")).warn_untraced(11, 10)  # nothing to train
+    assert [r.getMessage() for r in caplog.records] == [
+        "profile.steps 2, 9 will not be traced: this run trains steps 4..8",
+        "profile.steps 2, 5, 9 will not be traced: this run trains no steps",
+    ]
+
+
+def test_training_past_its_last_step_warns_about_the_untraced_profile_step(tmp_path, caplog) -> None:
+    from test_train_utils import build_trainer, default_job, make_batches, tiny_model
+
+    cfg = default_job()
+    cfg.training.steps, cfg.profile.enabled, cfg.profile.steps = 1, True, (3,)
+    trainer = build_trainer(tiny_model(), make_batches(tiny_model(), [[(0, 0, 4)]]), tmp_path, cfg)
+    with caplog.at_level(logging.WARNING, logger="dualtower.training.profiling"):
+        trainer.train()
+    assert trainer.step == 1 and not (tmp_path / "profile").exists()
+    assert "profile.steps 3 will not be traced: this run trains steps 1..1" in caplog.text
 
 
 def _event(name: str, ts: float, dur: float, cat: str = "cpu_op", tid: int = 1, ext: int | None = None) -> dict:
@@ -96,6 +123,41 @@ def test_ops_inside_our_custom_ops_count_under_the_ops_category() -> None:
         _event("nvjet_hsh_gemm", 70, 30, cat="kernel", ext=2),
     ]
     assert dict(breakdown(gpu).categories) == pytest.approx({"cross-entropy": 0.020, "matmul": 0.030})
+
+
+def test_the_backward_node_of_a_custom_op_counts_under_the_ops_category() -> None:
+    """autograd names the backward of a torch.library op `GeneratedBackwardFor_dualtower_<op>_...Backward`."""
+    node = "GeneratedBackwardFor_dualtower_linear_cross_entropy_fwd_defaultBackward"
+    events = [
+        _event(f"autograd::engine::evaluate_function: {node}", 0, 100, tid=2),
+        _event(node, 1, 98, tid=2),
+        _event("aten::mul", 10, 60, tid=2),  # the chunked loss's gradient, recomputed in backward
+        _event("aten::mm", 75, 20, tid=2),
+        _event("autograd::engine::evaluate_function: MmBackward0", 100, 10, tid=2),
+        _event("aten::mm", 101, 9, tid=2),
+    ]
+    result = breakdown(events)
+    assert dict(result.categories) == pytest.approx({"cross-entropy": 0.100, "matmul": 0.009, "other": 0.001})
+    assert dict(result.phases) == pytest.approx({"backward": 0.110})
+
+
+def test_cli_reads_a_folder_of_traces_and_rejects_the_text_table(tmp_path, capsys) -> None:
+    trace = {"traceEvents": [_event("aten::mm", 0, 10)]}
+    for name in ("step_000003_rank0", "step_000004_rank0"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(trace))
+        (tmp_path / f"{name}.txt").write_text("---- the profiler's table ----")
+    assert breakdown_main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "## step_000003_rank0.json" in out and "## step_000004_rank0.json" in out and out.count("| matmul |") == 2
+    assert breakdown_main([str(tmp_path / "step_000003_rank0.txt")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "profiler's text table; pass the trace beside it" in err[0], err
+    (tmp_path / "results.json").write_text(json.dumps({"benchmarks": []}))
+    assert breakdown_main([str(tmp_path / "results.json")]) == 2
+    assert "is not a chrome trace" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert breakdown_main([str(tmp_path / "empty")]) == 2
+    assert "error: no traces" in capsys.readouterr().err
 
 
 def test_a_real_chunked_loss_trace_is_cross_entropy_time(tmp_path: Path) -> None:

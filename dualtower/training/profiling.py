@@ -51,3 +51,12 @@ class StepProfiler:
             yield
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # the step's kernels end inside the trace
+
+    def warn_untraced(self, first_step: int, last_step: int) -> None:
+        """Warn (rank 0) about chosen steps outside first_step..last_step, the steps this run will train:
+        a resumed run starts after its checkpoint, and steps beyond training.steps never come."""
+        untraced = sorted(step for step in self.steps if not first_step <= step <= last_step)
+        if not (self.enabled and untraced and self.rank == 0):
+            return
+        trains = f"trains steps {first_step}..{last_step}" if first_step <= last_step else "trains no steps"
+        logger.warning("profile.steps %s will not be traced: this run %s", ", ".join(map(str, untraced)), trains)

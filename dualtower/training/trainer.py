@@ -130,6 +130,7 @@ class Trainer:
         batches = self._batch_stream()
         window = _Window()
         total = self.cfg.steps
+        self.parts.profiler.warn_untraced(self.step + 1, total)
         while self.step < total:
             micro = [next(batches) for _ in range(self.cfg.micro_batches)]
             with self.parts.profiler.step(self.step + 1):
