@@ -147,5 +147,7 @@ def test_the_engine_with_the_fused_sampler_matches_greedy(fused) -> None:
     prompt = PreparedPrompt(torch.tensor(ids), torch.rand(1, 3, cfg.tile_size, cfg.tile_size), len(ids) - 3)
     config = SamplingConfig(max_new_tokens=6)
     torch_tokens = Generator(model, eos_token_ids=(), compile=False).generate_prepared([prompt], config)
-    fused_tokens = Generator(model, eos_token_ids=(), compile=False, sampler="csrc").generate_prepared([prompt], config)
+    fused_engine = Generator(model, eos_token_ids=(), compile=False, sampler="csrc")
+    assert fused_engine._sample is fused  # the fused op, not the PyTorch fallback
+    fused_tokens = fused_engine.generate_prepared([prompt], config)
     assert fused_tokens[0].token_ids == torch_tokens[0].token_ids

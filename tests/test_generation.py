@@ -206,7 +206,10 @@ def test_generation_stats_are_filled(model, prompts) -> None:
     engine.generate_prepared(prompts, greedy(4))
     stats = engine.stats
     assert stats.requests == 4 and stats.generated_tokens == 16 and stats.decode_steps == 3
-    assert 0 < stats.ttft_s <= stats.total_s and stats.tokens_per_s > 0
+    assert 0 < stats.ttft_s <= stats.total_s and 0 < stats.decode_s <= stats.total_s
+    assert stats.tokens_per_s == pytest.approx(16 / stats.total_s)
+    assert stats.ms_per_step == pytest.approx(1e3 * stats.decode_s / 3)
+    assert stats.decode_tokens_per_s == pytest.approx((16 - 4) / stats.decode_s)  # the first tokens: prefill
     assert stats.as_dict()["ms_per_step"] == stats.ms_per_step
 
 

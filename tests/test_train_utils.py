@@ -154,7 +154,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
     import json
 
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    complete = path.read_text().split("\n")[:-1]  # a running job may be halfway through its last line
+    return [json.loads(line) for line in complete if line.strip()]
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
