@@ -287,7 +287,7 @@ def _parse_text(text: str, hint: Any, key: str) -> Any:
     """A command-line string -> a typed value for the field `key`.
 
     TOML syntax, with the brackets of a list optional (`0.9,0.95`); a list of strings also takes unquoted
-    comma-separated words (`ai2d,chartqa`); a number also takes Python's float syntax (`.5`).
+    comma-separated words (`ai2d,chartqa`); a single number also takes Python's float syntax (`.5`).
     """
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType) and text.lower() in ("none", "null"):

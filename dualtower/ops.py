@@ -228,6 +228,13 @@ def _resolve(op: str, device: torch.device) -> Callable[..., Tensor]:
 # ------------------------------------------------------------------------------------------------------------
 
 
+def _first_tensor(values: tuple) -> Tensor:
+    for value in values:
+        if isinstance(value, Tensor):
+            return value
+    raise TypeError("an op needs at least one tensor argument")
+
+
 def _autocast_like_a_matmul(op: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """Under autocast, cast the op's floating-point tensors to the autocast dtype, as autocast casts a matmul's
     inputs, then run the op with autocast off.
@@ -237,13 +244,19 @@ def _autocast_like_a_matmul(op: Callable[..., Tensor]) -> Callable[..., Tensor]:
     matmuls inside it. Single-device training runs under bf16 autocast with fp32 weights.
     """
 
+    def cast(value: object, dtype: torch.dtype) -> object:
+        # fp64 stays fp64, as autocast leaves fp64 matmuls alone.
+        lower = isinstance(value, Tensor) and value.is_floating_point() and value.dtype != torch.float64
+        return value.to(dtype) if lower else value
+
     @functools.wraps(op)
     def run(*args, **kwargs) -> Tensor:
-        device = args[0].device.type
+        device = _first_tensor((*args, *kwargs.values())).device.type
         if not torch.is_autocast_enabled(device):
             return op(*args, **kwargs)
         dtype = torch.get_autocast_dtype(device)
-        args = tuple(a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
+        args = tuple(cast(value, dtype) for value in args)
+        kwargs = {key: cast(value, dtype) for key, value in kwargs.items()}
         with torch.autocast(device, enabled=False):
             return op(*args, **kwargs)
 

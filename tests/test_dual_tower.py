@@ -173,3 +173,12 @@ def test_text_only_batch_with_blank_tile_gives_every_parameter_a_gradient() -> N
     missing = [name for name, p in model.named_parameters() if id(p) not in unused and p.grad is None]
     assert missing == []
     assert model.vision_encoder.patch_embedding.conv.weight.grad.abs().max() == 0
+
+
+def test_tile_features_without_their_placeholders_are_an_error() -> None:
+    model = _build(tiny_config())
+    batch = random_batch(model, [(1, 2, 5)], torch.Generator().manual_seed(4))
+    batch.pixel_values = batch.pixel_values.double()
+    batch.image_token_index = batch.image_token_index[:0]  # the features would have nowhere to go
+    with pytest.raises(IndexError, match="Number of indices"):
+        model(batch)

@@ -256,3 +256,14 @@ def test_training_step_under_bf16_autocast(backend: str) -> None:
         scale = truth.abs().max().clamp_min(1e-12)
         ours_err, ref_err = ((ours - truth).abs().max() / scale), ((ref - truth).abs().max() / scale)
         assert ours_err <= 2 * ref_err + 2**-7, (ours_err.item(), ref_err.item())
+
+
+def test_autocast_casts_keyword_tensors_and_leaves_fp64_alone() -> None:
+    hidden, weight, labels = torch.randn(6, 16), torch.randn(30, 16), torch.tensor([1, -100, 3, 29, 0, -100])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        by_keyword = ops.linear_cross_entropy(hidden=hidden, weight=weight, labels=labels)
+        x, proj = torch.randn(2, 16, 8, dtype=torch.float64), torch.randn(10, 32, dtype=torch.float64)
+        projected = ops.pixel_shuffle_project(x, proj, 2)
+    expected = linear_cross_entropy_reference(hidden.bfloat16(), weight.bfloat16(), labels)
+    torch.testing.assert_close(by_keyword, expected, rtol=1e-5, atol=1e-5)
+    assert projected.dtype == torch.float64  # autocast leaves fp64 matmuls alone

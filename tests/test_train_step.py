@@ -226,3 +226,13 @@ def test_gradients_are_clipped_to_max_grad_norm_and_the_norm_before_is_logged(tm
     assert clipped_trainer.last_grad_norm.item() == pytest.approx(norm, rel=1e-12)  # the norm before clipping
     for name, grad in unclipped.items():  # the same direction, scaled to max_grad_norm
         torch.testing.assert_close(clipped[name], grad / 10, rtol=1e-6, atol=1e-12, msg=name)
+
+
+def test_a_fatal_streak_stops_the_fused_path_before_a_checkpoint_keeps_it(tmp_path) -> None:
+    """The fused path checks streaks at logging steps; a checkpoint in between must not save the run past its
+    fatal streak, or a restarted job would resume from it and train on."""
+    trainer = _poisoned_trainer(tmp_path, "fused", 8, {2, 3}, max_nonfinite_in_row=2)
+    trainer.parts.checkpointer.cfg.enabled, trainer.parts.checkpointer.cfg.every = True, 4
+    with pytest.raises(NonFiniteLossError, match=r"2 optimizer steps in a row .*steps 2-3"):
+        trainer.train()
+    assert trainer.step == 4 and trainer.parts.checkpointer.checkpoints() == []

@@ -102,12 +102,13 @@ class DualTowerVLM(nn.Module):
     def prefix_embeddings(self, batch: PackedBatch) -> Tensor:
         """Left-tower token embeddings of the prefixes with image features in place of the placeholders."""
         embeddings = self.left_decoder.token_embedding(batch.prefix_ids)  # (Np, C)
-        pixels = batch.pixel_values
-        if pixels.shape[0] == 0:
+        if batch.pixel_values.shape[0] == 0:
             if not self.encode_blank_tile_without_images:
                 return embeddings
-            pixels = pixels.new_zeros((1, *pixels.shape[1:]))
-        image_features = self.encode_images(pixels).flatten(0, 1)[: batch.image_token_index.shape[0]]  # (I, C)
+            blank = batch.pixel_values.new_zeros((1, *batch.pixel_values.shape[1:]))
+            image_features = self.encode_images(blank).flatten(0, 1)[:0]  # in the graph, nothing placed
+        else:
+            image_features = self.encode_images(batch.pixel_values).flatten(0, 1)  # (I, C)
         return embeddings.index_copy(0, batch.image_token_index, image_features.to(embeddings.dtype))
 
     def prefix_kv(self, batch: PackedBatch) -> list[KV]:

@@ -286,6 +286,8 @@ class Trainer:
 
     def save(self) -> Path:
         parts = self.parts
+        if self.fused:  # a fatal streak since the last logging step must stop the run before it is checkpointed
+            self._check_nonfinite()
         path = parts.checkpointer.save(
             self.step, self.model, self.optimizer, parts.scheduler, parts.train_loader, self._train_state()
         )
