@@ -13,7 +13,7 @@
 //
 // How, per row: floats map to order-preserving uint32 keys; the k-th largest key is found by a 4-pass
 // radix select over 8-bit digits (256-bin count histograms in shared memory); the top-p boundary by the
-// same radix descent over probability-mass histograms; the draw by one block-wide prefix scan. About ten
+// same radix descent over fixed-point probability-mass histograms; the draw by one block-wide prefix scan. About ten
 // passes over a row that stays in L2, instead of a full sort.
 
 #include <ATen/core/Tensor.h>
@@ -147,34 +147,50 @@ __device__ uint32_t kth_largest_key(const RowView& row, int k, unsigned int* his
   return prefix;
 }
 
+// Probability masses in fixed point (units of 2^-32): integer atomics add in any order to the same sum, so
+// the top-p boundary, unlike with float atomics, does not depend on thread timing. A row's total stays below
+// 2^63 for any vocabulary under 2^31; masses below 2^-32 of the top token's count as zero.
+__device__ __forceinline__ unsigned long long fixed_point_mass(float relative_probability) {
+  return relative_probability > 0.0f ? __float2ull_rn(relative_probability * 4294967296.0f) : 0ull;
+}
+
 // Smallest kept key under top-p: the largest-to-smallest descent stops in the digit whose mass makes the
-// running total (mass of strictly larger keys) reach `target`; keys in lower digits are all removed.
-__device__ uint32_t top_p_key(const RowView& row, uint32_t floor_key, float row_max, float target, float* mass,
-                              float* carried, int* picked) {
+// running total (mass of strictly larger keys) reach top_p of the kept mass; keys in lower digits are all
+// removed. The first pass histograms every kept token, so its bins also sum to the kept mass.
+__device__ uint32_t top_p_key(const RowView& row, uint32_t floor_key, float row_max, float top_p,
+                              unsigned long long* mass, unsigned long long* carried, int* picked) {
   uint32_t prefix = 0, mask = 0;
-  float above = 0.0f;
+  unsigned long long above = 0;
   for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int b = threadIdx.x; b < kBins; b += kThreads) mass[b] = 0.0f;
+    for (int b = threadIdx.x; b < kBins; b += kThreads) mass[b] = 0ull;
     __syncthreads();
     for (int i = threadIdx.x; i < row.vocab; i += kThreads) {
       const float s = row.scaled(i);
       const uint32_t key = order_key(s);
-      if (key >= floor_key && (key & mask) == prefix) atomicAdd(&mass[(key >> shift) & 0xFFu], expf(s - row_max));
+      if (key >= floor_key && (key & mask) == prefix) {
+        atomicAdd(&mass[(key >> shift) & 0xFFu], fixed_point_mass(expf(s - row_max)));
+      }
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-      float running = above;
+      if (shift == 24) {
+        unsigned long long kept = 0;
+        for (int b = 0; b < kBins; ++b) kept += mass[b];
+        carried[1] = kept;
+      }
+      const double target = static_cast<double>(top_p) * static_cast<double>(carried[1]);
+      unsigned long long running = above;
       int bin = -1, lowest = -1;
       for (int b = kBins - 1; b >= 0; --b) {
-        if (mass[b] <= 0.0f) continue;
-        if (running + mass[b] >= target) {
+        if (mass[b] == 0ull) continue;
+        if (static_cast<double>(running + mass[b]) >= target) {
           bin = b;
           break;
         }
         running += mass[b];
         lowest = b;
       }
-      if (bin < 0) {  // rounding left the total just under target: keep everything down to the last bin
+      if (bin < 0) {  // only when no kept token has mass: keep everything down to the last non-empty bin
         bin = lowest >= 0 ? lowest : 0;
         if (lowest >= 0) running -= mass[lowest];
       }
@@ -197,7 +213,8 @@ __global__ void __launch_bounds__(kThreads) sample_logits_kernel(const float* __
   using BlockScan = cub::BlockScan<float, kThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
   __shared__ unsigned int counts[kBins];
-  __shared__ float masses[kBins];
+  __shared__ unsigned long long masses[kBins];
+  __shared__ unsigned long long mass_scratch[2];  // running mass above the chosen bin; the row's kept mass
   __shared__ float scratch[kWarps];
   __shared__ int ints[kWarps];
   __shared__ int chosen;
@@ -218,15 +235,7 @@ __global__ void __launch_bounds__(kThreads) sample_logits_kernel(const float* __
 
   uint32_t floor_key = 0;  // kept tokens have key >= floor_key
   if (top_k > 0 && top_k < vocab) floor_key = kth_largest_key(row, top_k, counts, ints);
-  if (top_p < 1.0f) {
-    float local_mass = 0.0f;
-    for (int i = threadIdx.x; i < vocab; i += kThreads) {
-      const float s = row.scaled(i);
-      if (order_key(s) >= floor_key) local_mass += expf(s - row_max);
-    }
-    const float kept_mass = block_all_reduce(local_mass, SumOp{}, 0.0f, scratch);
-    floor_key = top_p_key(row, floor_key, row_max, top_p * kept_mass, masses, scratch, ints);
-  }
+  if (top_p < 1.0f) floor_key = top_p_key(row, floor_key, row_max, top_p, masses, mass_scratch, ints);
 
   // Inverse CDF in index order: each thread owns one contiguous chunk of the vocabulary.
   const int chunk = (vocab + kThreads - 1) / kThreads;

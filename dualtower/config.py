@@ -10,13 +10,9 @@ exits non-zero without a traceback.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import difflib
 import math
 import tomllib
-import types
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +20,7 @@ from typing import Any
 from dualtower import ops
 from dualtower.data.config import DataConfig
 from dualtower.model.config import FLAVORS, ConfigError
+from dualtower.typed_fields import check, cli_text, coerce, field_hints, merge_table, parse_cli_text, suggest
 
 
 @dataclass
@@ -161,188 +158,66 @@ class JobConfig:
 # -- validation ----------------------------------------------------------------------------------------------
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
 def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
-    _check(value in allowed, f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    check(value in allowed, f"{key} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 def _validate_sections(cfg: JobConfig) -> None:
     m, o, s, t, p = cfg.model, cfg.optim, cfg.schedule, cfg.training, cfg.parallel
-    _check(m.flavor in FLAVORS, f"model.flavor must be one of {', '.join(sorted(FLAVORS))}, got {m.flavor!r}")
+    check(m.flavor in FLAVORS, f"model.flavor must be one of {', '.join(sorted(FLAVORS))}, got {m.flavor!r}")
     _one_of(m.dtype, ("float32", "bfloat16"), "model.dtype")
     _one_of(m.attention_backend, ops.BACKENDS, "model.attention_backend")
     for key in ("image_mean", "image_std"):
-        _check(len(getattr(m, key)) in (0, 3), f"model.{key} needs 3 values (one per RGB channel) or none")
-    _check(all(s > 0 for s in m.image_std), "model.image_std must be positive")
+        check(len(getattr(m, key)) in (0, 3), f"model.{key} needs 3 values (one per RGB channel) or none")
+    check(all(s > 0 for s in m.image_std), "model.image_std must be positive")
     lrs = {"lr_vision": o.lr_vision, "lr_projector": o.lr_projector, "lr_left": o.lr_left, "lr_right": o.lr_right}
     for key, lr in lrs.items():
-        _check(math.isfinite(lr) and lr >= 0, f"optim.{key} must be a finite number >= 0, got {lr}")
-    _check(any(lr > 0 for lr in lrs.values()), "every optim.lr_* is 0: nothing would train")
-    _check(math.isfinite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay must be a finite number >= 0")
-    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas must be two numbers in [0, 1)")
-    _check(math.isfinite(o.eps) and o.eps > 0, "optim.eps must be a finite number > 0")
+        check(math.isfinite(lr) and lr >= 0, f"optim.{key} must be a finite number >= 0, got {lr}")
+    check(any(lr > 0 for lr in lrs.values()), "every optim.lr_* is 0: nothing would train")
+    check(math.isfinite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay must be a finite number >= 0")
+    check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas must be two numbers in [0, 1)")
+    check(math.isfinite(o.eps) and o.eps > 0, "optim.eps must be a finite number > 0")
     _one_of(o.implementation, ("auto", "fused", "foreach"), "optim.implementation")
     _one_of(s.kind, ("cosine", "constant"), "schedule.kind")
-    _check(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio must be in [0, 1]")
-    _check(0 <= s.warmup_ratio < 1, "schedule.warmup_ratio must be in [0, 1)")
-    _check(s.warmup_steps >= -1, "schedule.warmup_steps must be >= 0 (or -1 for warmup_ratio)")
-    _check(t.steps >= 1, f"training.steps must be >= 1, got {t.steps}")
-    _check(t.micro_batches >= 1, f"training.micro_batches must be >= 1, got {t.micro_batches}")
-    _check(t.max_grad_norm >= 0, "training.max_grad_norm must be >= 0")
-    _check(t.max_nonfinite_in_row >= 1, "training.max_nonfinite_in_row must be >= 1")
+    check(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio must be in [0, 1]")
+    check(0 <= s.warmup_ratio < 1, "schedule.warmup_ratio must be in [0, 1)")
+    check(s.warmup_steps >= -1, "schedule.warmup_steps must be >= 0 (or -1 for warmup_ratio)")
+    check(t.steps >= 1, f"training.steps must be >= 1, got {t.steps}")
+    check(t.micro_batches >= 1, f"training.micro_batches must be >= 1, got {t.micro_batches}")
+    check(t.max_grad_norm >= 0, "training.max_grad_norm must be >= 0")
+    check(t.max_nonfinite_in_row >= 1, "training.max_nonfinite_in_row must be >= 1")
     _one_of(t.device, ("auto", "cpu", "cuda"), "training.device")
     _one_of(p.fsdp, ("auto", "on", "off"), "parallel.fsdp")
     _one_of(p.mixed_precision, ("auto", "bf16", "fp32"), "parallel.mixed_precision")
-    _check(cfg.checkpoint.every >= 0 and cfg.checkpoint.keep >= 1, "checkpoint.every >= 0 and checkpoint.keep >= 1")
-    _check(cfg.metrics.log_every >= 1, "metrics.log_every must be >= 1")
+    check(cfg.checkpoint.every >= 0 and cfg.checkpoint.keep >= 1, "checkpoint.every >= 0 and checkpoint.keep >= 1")
+    check(cfg.metrics.log_every >= 1, "metrics.log_every must be >= 1")
     _one_of(cfg.metrics.progress, ("bar", "line", "none"), "metrics.progress")
     _one_of(cfg.metrics.wandb_mode, ("offline", "online", "disabled"), "metrics.wandb_mode")
-    _check(cfg.eval.every >= 0 and cfg.eval.val_batches >= 0, "eval.every and eval.val_batches must be >= 0")
-    _check(cfg.eval.accuracy_samples >= 0, "eval.accuracy_samples must be >= 0")
-    _check(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1")
-    _check(all(step >= 1 for step in cfg.profile.steps), "profile.steps are 1-based optimizer steps")
+    check(cfg.eval.every >= 0 and cfg.eval.val_batches >= 0, "eval.every and eval.val_batches must be >= 0")
+    check(cfg.eval.accuracy_samples >= 0, "eval.accuracy_samples must be >= 0")
+    check(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1")
+    check(all(step >= 1 for step in cfg.profile.steps), "profile.steps are 1-based optimizer steps")
 
 
 # -- building from TOML / CLI --------------------------------------------------------------------------------
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _suggest(name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check/convert a TOML or parsed-CLI value against a field's type hint."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
-    if origin is typing.Literal:
-        _check(value in typing.get_args(hint), f"{key} must be one of {typing.get_args(hint)}, got {value!r}")
-        return value
-    if origin in (tuple, list):
-        _check(isinstance(value, list | tuple), f"{key} expects a list, got {value!r}")
-        args = typing.get_args(hint)
-        element = args[0] if args else Any
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            _check(len(value) == len(args), f"{key} expects {len(args)} values, got {len(value)}")
-            return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
-        items = [_coerce(v, element, key) for v in value]
-        return tuple(items) if origin is tuple else items
-    if hint is Any:
-        return value
-    if hint is bool:
-        _check(isinstance(value, bool), f"{key} expects true or false, got {value!r}")
-        return value
-    if hint is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), f"{key} expects an integer, got {value!r}")
-        return value
-    if hint is float:
-        _check(isinstance(value, int | float) and not isinstance(value, bool), f"{key} expects a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        _check(isinstance(value, str), f"{key} expects a string, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(hint):
-        _check(isinstance(value, dict), f"{key} expects a table, got {value!r}")
-        return _merge(hint(), value, key)
-    return value
-
-
-def _merge(obj: Any, table: dict[str, Any], where: str) -> Any:
-    """Apply a (nested) TOML table onto a dataclass instance; unknown keys are errors that name them."""
-    hints = _hints(type(obj))
-    known = [f.name for f in dataclasses.fields(obj)]
-    for key, value in table.items():
-        name = f"{where}.{key}" if where else key
-        if key not in hints:
-            raise ConfigError(f"unknown key {name!r}{_suggest(key, known)}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            _merge(current, value, name)
-        else:
-            setattr(obj, key, _coerce(value, hints[key], name))
-    return obj
-
-
-def _parse_text(text: str, hint: Any, key: str) -> Any:
-    """A command-line string -> a typed value for the field `key`.
-
-    TOML syntax, with the brackets of a list optional (`0.9,0.95`); a list of strings also takes unquoted
-    comma-separated words (`ai2d,chartqa`); a single number also takes Python's float syntax (`.5`).
-    """
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType) and text.lower() in ("none", "null"):
-        return None
-    if hint is str:
-        return text
-    if hint is bool:
-        lowered = text.lower()
-        known = ("true", "false", "1", "0", "yes", "no", "on", "off")
-        _check(lowered in known, f"{key} expects true or false, got {text!r}")
-        return lowered in ("true", "1", "yes", "on")
-    toml_text = text
-    if origin in (tuple, list) and not text.lstrip().startswith("["):
-        # A pasted Python tuple would otherwise split into the words '(a' and 'b)'.
-        _check(not text.lstrip().startswith("("), f"{key} takes a,b or [a, b], not a tuple: got {text!r}")
-        if _holds_strings(hint) and not any(quote in text for quote in "'\""):
-            return _comma_list(text)  # --data.cauldron_configs=ai2d,chartqa (unquoted words)
-        toml_text = "[" + text + "]"
-    try:
-        return tomllib.loads(f"v = {toml_text}")["v"]
-    except tomllib.TOMLDecodeError:
-        pass
-    if hint is float:
-        with contextlib.suppress(ValueError):
-            return float(text)
-    return text  # a bare word; _coerce reports it (as the user wrote it) if the field wants something else
-
-
-def _holds_strings(hint: Any) -> bool:
-    """Whether a tuple/list hint holds strings (tuple[str, ...], list[str])."""
-    args = typing.get_args(hint)
-    return bool(args) and all(arg is str for arg in args if arg is not Ellipsis)
-
-
-def _comma_list(text: str) -> list[str]:
-    """'a, b,c' -> ['a', 'b', 'c']; empty items (a trailing comma, an empty text) are dropped."""
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
 def apply_override(cfg: JobConfig, dotted: str, text: str) -> None:
     """Set `section.key[.subkey]` from its command-line text."""
     parts = dotted.split(".")
-    _check(len(parts) >= 2, f"override {dotted!r} must look like --section.key=value")
+    check(len(parts) >= 2, f"override {dotted!r} must look like --section.key=value")
     obj: Any = cfg
     for i, part in enumerate(parts):
         known = [f.name for f in dataclasses.fields(obj)]
         if part not in known:
             where = ".".join(parts[:i]) or "sections"
-            raise ConfigError(f"unknown key {'.'.join(parts[: i + 1])!r} in {where}{_suggest(part, known)}")
+            raise ConfigError(f"unknown key {'.'.join(parts[: i + 1])!r} in {where}{suggest(part, known)}")
         if i == len(parts) - 1:
-            hint = _hints(type(obj))[part]
-            setattr(obj, part, _coerce(_parse_text(text, hint, dotted), hint, dotted))
+            hint = field_hints(type(obj))[part]
+            setattr(obj, part, coerce(parse_cli_text(text, hint, dotted), hint, dotted))
         else:
             obj = getattr(obj, part)
-            _check(dataclasses.is_dataclass(obj), f"{'.'.join(parts[: i + 1])!r} is a value, not a section")
+            check(dataclasses.is_dataclass(obj), f"{'.'.join(parts[: i + 1])!r} is a value, not a section")
 
 
 def split_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
@@ -350,14 +225,14 @@ def split_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
     config_path, overrides, i = None, [], 0
     while i < len(argv):
         arg = argv[i]
-        _check(arg.startswith("--"), f"unexpected argument {arg!r}; use --config PATH and --section.key=value")
+        check(arg.startswith("--"), f"unexpected argument {arg!r}; use --config PATH and --section.key=value")
         name, eq, value = arg[2:].partition("=")
         if name == "profile" and not eq:
             overrides.append(("profile.enabled", "true"))
             i += 1
             continue
         if not eq:
-            _check(i + 1 < len(argv), f"--{name} needs a value")
+            check(i + 1 < len(argv), f"--{name} needs a value")
             value, i = argv[i + 1], i + 1
         if name == "config":
             config_path = value
@@ -381,19 +256,10 @@ def usage() -> str:
             if dataclasses.is_dataclass(value):
                 walk(value, f"{prefix}{f.name}.")
             else:
-                lines.append(f"  --{prefix}{f.name}={_cli_text(value)}")
+                lines.append(f"  --{prefix}{f.name}={cli_text(value)}")
 
     walk(JobConfig(), "")
     return "\n".join(lines)
-
-
-def _cli_text(value: Any) -> str:
-    """A default as `--key=` text that `_parse_text` reads back: true/false, comma lists ("" = empty list)."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list | tuple):
-        return ",".join(_cli_text(item) for item in value)
-    return "none" if value is None else str(value)
 
 
 def load_job_config(argv: list[str]) -> JobConfig:
@@ -402,12 +268,12 @@ def load_job_config(argv: list[str]) -> JobConfig:
     cfg = JobConfig()
     if config_path is not None:
         path = Path(config_path)
-        _check(path.is_file(), f"config file not found: {config_path}")
+        check(path.is_file(), f"config file not found: {config_path}")
         try:
             table = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{config_path}: invalid TOML: {exc}") from None
-        _merge(cfg, table, "")
+        merge_table(cfg, table, "")
     for dotted, text in overrides:
         apply_override(cfg, dotted, text)
     return cfg.validate()

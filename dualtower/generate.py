@@ -223,12 +223,14 @@ def pick_device(name: str) -> Any:
 def load_model(args: argparse.Namespace, device: Any) -> tuple[Any, Any]:
     import torch
 
+    from dualtower.hub import parse_dtype
     from dualtower.model import DualTowerVLM
     from dualtower.tokenizer import load_tokenizer
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
-    if dtype is None:
+    if args.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = parse_dtype(args.dtype)
     model = DualTowerVLM.from_pretrained(
         args.checkpoint, config_path=args.config, device=device, dtype=dtype, architecture=args.architecture
     )

@@ -11,7 +11,7 @@ from torch import nn
 
 from dualtower.batch import IGNORE_INDEX
 from dualtower.generation import Generator, PrefixCache, PreparedPrompt, SamplingConfig
-from dualtower.generation.engine import left_tower_batch
+from dualtower.generation.left_batch import left_tower_batch
 from dualtower.model import DualTowerVLM
 
 # (tiles, extra prefix tokens before the images, prompt text tokens): ragged on purpose.

@@ -11,13 +11,14 @@ CUDA build of torch (about a minute the first time; cached by torch.utils.cpp_ex
 A machine without nvcc can load a library built elsewhere for the same torch build: `python -m
 dualtower.generation.csrc_sampler build DIR` (nvcc and a CUDA build of torch, no GPU needed) writes the library and
 `built_for.json`; `DUALTOWER_CSRC_LIBRARY=DIR/dualtower_csrc_sampling.so` makes `load_extension` use it, when
-torch's version and CUDA version match those it was built for.
+torch's version and CUDA version match those it was built for and csrc/sampling.cu is unchanged.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -100,21 +101,33 @@ def _jit_build(build_directory: Path | None, verbose: bool) -> None:
 
 
 def _this_build() -> dict[str, str | None]:
-    return {"torch": torch.__version__, "cuda": torch.version.cuda}
+    """What a prebuilt library must have been built for: this torch build and the current CUDA source."""
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "source_sha256": _source_digest()}
+
+
+def _source_digest() -> str | None:
+    try:
+        return hashlib.sha256(source_path().read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None  # an install without csrc/ cannot rebuild or compare; the torch build must still match
 
 
 def _load_prebuilt(library: Path) -> bool:
-    """Load a library from `build_library`; False (with a warning) when it is missing or built for another torch.
+    """Load a library from `build_library`; False (with a warning) when it is missing, built for another torch,
+    or built from another version of the CUDA source.
 
-    A library linked against another libtorch can crash when called, so the recorded build must match."""
+    A library linked against another libtorch can crash when called, so the recorded build must match; a stale
+    source would silently run (and test) the old kernel."""
     built_for_path = library.parent / BUILT_FOR
     try:
         built_for = json.loads(built_for_path.read_text())
     except (OSError, ValueError) as error:
         logger.warning("prebuilt sampler ignored: no readable %s (%s)", built_for_path, error)
         return False
-    if {key: built_for.get(key) for key in _this_build()} != _this_build():
-        logger.warning("prebuilt sampler ignored: built for %s, this is %s", built_for, _this_build())
+    wanted = {key: value for key, value in _this_build().items() if not (key == "source_sha256" and value is None)}
+    if {key: built_for.get(key) for key in wanted} != wanted:
+        logger.warning("prebuilt sampler ignored: built for %s, this is %s (a changed %s needs a rebuild)",
+                       built_for, wanted, SOURCE_NAME)
         return False
     try:
         torch.ops.load_library(str(library))

@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dualtower.batch import PackedBatch
 from dualtower.generation.kv_cache import (
     GraphedDecodeStep,
     PrefillLayout,
@@ -38,6 +37,7 @@ from dualtower.generation.kv_cache import (
     decode_step,
     prefill,
 )
+from dualtower.generation.left_batch import chunks_by_tiles, left_tower_batch
 from dualtower.generation.prefix_cache import PrefixCache, PrefixKey, tensor_digest
 from dualtower.generation.requests import (
     GenerationRequest,
@@ -55,7 +55,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_EOS_TOKEN_ID = 2  # <|im_end|>
 CAPACITY_BUCKET = 256  # compiled decode: round the cache length up so that few shapes get compiled
 DECODE_GRAPH_LIMIT = 64  # compiled decode graphs (rows x capacity buckets) before new buckets run eagerly
-MAX_TILES_PER_LEFT_PASS = 64  # bounds the vision tower's activation memory
 
 
 class Generator:
@@ -212,7 +211,7 @@ class Generator:
             else:
                 pending[key] = [index]
                 stats.prefix_cache_misses += 1
-        for group in _chunks_by_tiles(list(pending.items()), prompts):
+        for group in chunks_by_tiles(list(pending.items()), prompts):
             computed = self._left_tower([prompts[indices[0]] for _, indices in group], stats)
             for (key, indices), kv in zip(group, computed, strict=True):
                 if self.prefix_cache is not None:
@@ -346,53 +345,6 @@ def compiled_block_decode(backend: Any = "inductor") -> Callable[..., Tensor]:
     """
     compiled = torch.compile(block_decode, dynamic=False, backend=backend)
     return torch._dynamo.config.patch(recompile_limit=DECODE_GRAPH_LIMIT)(compiled)
-
-
-def left_tower_batch(prompts: Sequence[PreparedPrompt], cfg: Any) -> PackedBatch:
-    """A PackedBatch with the prefixes (and tiles) of `prompts` and no text: the left tower's input."""
-    prefix_lens = [p.prefix_len for p in prompts]
-    prefix_ids = torch.cat([p.prefix_ids for p in prompts])
-    tiles = torch.cat([p.tiles for p in prompts])
-    image_index = (prefix_ids == cfg.image_token_id).nonzero().squeeze(1)
-    if image_index.numel() != tiles.shape[0] * cfg.image_tokens_per_tile:
-        raise ValueError(
-            f"prompts hold {image_index.numel()} image placeholders but {tiles.shape[0]} tiles of "
-            f"{cfg.image_tokens_per_tile} tokens"
-        )
-    cu_prefix = torch.tensor([0, *torch.tensor(prefix_lens).cumsum(0).tolist()], dtype=torch.int32)
-    empty = torch.zeros(0, dtype=torch.long)
-    return PackedBatch(
-        prefix_ids=prefix_ids,
-        text_ids=empty,
-        labels=empty,
-        cu_prefix=cu_prefix,
-        cu_text=torch.zeros(len(prompts) + 1, dtype=torch.int32),
-        prefix_positions=torch.cat([torch.arange(n) for n in prefix_lens]),
-        text_positions=empty,
-        pixel_values=tiles,
-        tiles_per_doc=torch.tensor([p.tiles.shape[0] for p in prompts]),
-        image_token_index=image_index,
-        doc_row=torch.arange(len(prompts)),
-        max_prefix_len=max(prefix_lens),
-        max_text_len=0,
-        num_rows=len(prompts),
-        row_capacity=0,
-        num_supervised=0,
-    )
-
-
-def _chunks_by_tiles(items: list[tuple[Any, list[int]]], prompts: Sequence[PreparedPrompt]) -> list[list[Any]]:
-    """Group left-tower work so that one pass encodes at most MAX_TILES_PER_LEFT_PASS tiles (or one prompt)."""
-    groups: list[list[Any]] = []
-    tiles = 0
-    for item in items:
-        count = prompts[item[1][0]].tiles.shape[0]
-        if not groups or tiles + count > MAX_TILES_PER_LEFT_PASS:
-            groups.append([])
-            tiles = 0
-        groups[-1].append(item)
-        tiles += count
-    return groups
 
 
 def _default_eos(tokenizer: Any) -> tuple[int, ...]:
