@@ -13,8 +13,9 @@
 //
 // How, per row: floats map to order-preserving uint32 keys; the k-th largest key is found by a 4-pass
 // radix select over 8-bit digits (256-bin count histograms in shared memory); the top-p boundary by the
-// same radix descent over fixed-point probability-mass histograms; the draw by one block-wide prefix scan. About ten
-// passes over a row that stays in L2, instead of a full sort.
+// same radix descent over fixed-point probability-mass histograms; the draw by one block-wide prefix scan.
+// About ten passes over a row that stays in L2, instead of a full sort. Integer histograms make every
+// step deterministic: the same logits and uniforms always give the same tokens.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -43,9 +44,6 @@ __device__ __forceinline__ uint32_t order_key(float value) {
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
-struct SumOp {
-  __device__ float operator()(float a, float b) const { return a + b; }
-};
 struct MaxOp {
   __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
 };
