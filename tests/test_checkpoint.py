@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import subprocess
 import sys
@@ -23,6 +24,9 @@ from test_train_utils import (
     tiny_model,
     train_losses,
 )
+
+from dualtower.training import NonFiniteLossError
+from dualtower.training.checkpoint import reshard_loader_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,3 +126,59 @@ def test_resuming_from_an_older_checkpoint_moves_the_abandoned_timeline_aside(tm
     assert any("superseded" in r.getMessage() and "step_00000006" in r.getMessage() for r in caplog.records)
     job.checkpoint.resume = "auto"
     assert build_trainer(tiny_model(), batches, tmp_path, job).parts.checkpointer.resume_path().name == "step_00000005"
+
+
+def _loader_state(rank: int, world_size: int, workers: int, delivered: int) -> dict:
+    """A dualtower.data.loader state (version 1); worker w's pipeline state names its global shard."""
+    shards = {str(w): {"shard": rank * workers + w} for w in range(workers)}
+    return {"version": 1, "split": "train", "seed": 0, "world_size": world_size, "rank": rank,
+            "num_logical_workers": workers, "pack": True, "delivered": delivered, "finished": False,
+            "workers": shards}
+
+
+def test_reshard_loader_state_splits_and_merges_the_shards() -> None:
+    # 1 rank x 4 workers, 10 batches from each shard -> 2 ranks x 2 workers: 10 per shard, 20 per rank.
+    saved = [_loader_state(0, 1, 4, 40)]
+    for rank in (0, 1):
+        state = reshard_loader_state(saved, rank, 2, _loader_state(rank, 2, 2, 0))
+        assert state is not None and state["delivered"] == 20 and state["rank"] == rank
+        assert state["workers"] == {"0": {"shard": 2 * rank}, "1": {"shard": 2 * rank + 1}}
+    # 1 rank x 2 workers after 5 batches (3 from shard 0, 2 from shard 1) -> 2 ranks x 1 worker.
+    saved = [_loader_state(0, 1, 2, 5)]
+    counts = [reshard_loader_state(saved, rank, 2, _loader_state(rank, 2, 1, 0))["delivered"] for rank in (0, 1)]
+    assert counts == [3, 2]
+    # And back: 2 ranks x 2 workers -> 1 rank x 4 workers.
+    state = reshard_loader_state([_loader_state(r, 2, 2, 14) for r in (0, 1)], 0, 1, _loader_state(0, 1, 4, 0))
+    assert state["delivered"] == 28 and state["workers"] == {str(w): {"shard": w} for w in range(4)}
+
+
+def test_reshard_loader_state_refuses_positions_that_do_not_carry_over() -> None:
+    # 41 batches over 4 shards: shard 0 is one ahead, so rank 0's two shards disagree (rank 1's agree).
+    saved = [_loader_state(0, 1, 4, 41)]
+    assert reshard_loader_state(saved, 0, 2, _loader_state(0, 2, 2, 0)) is None
+    assert reshard_loader_state(saved, 1, 2, _loader_state(1, 2, 2, 0))["delivered"] == 20
+    # A different total number of shards, or another state version.
+    assert reshard_loader_state([_loader_state(0, 1, 4, 40)], 0, 2, _loader_state(0, 2, 1, 0)) is None
+    assert reshard_loader_state([{**_loader_state(0, 1, 2, 4), "version": 2}], 0, 2, _loader_state(0, 2, 1, 0)) is None
+
+
+def _poisoned(trainer, poisoned: set[int]):
+    """Make the loss NaN at the given optimizer steps (1-based) of `trainer`."""
+    real_loss = trainer.model.loss_sum
+    trainer.model.loss_sum = lambda batch: real_loss(batch) * (math.nan if trainer.step + 1 in poisoned else 1.0)
+    return trainer
+
+
+def test_skipped_steps_and_the_nonfinite_streak_survive_a_resume(tmp_path) -> None:
+    batches = make_batches(tiny_model(), [LAYOUT] * 6, seed=5)
+    job = _job(3, 3)
+    job.training.max_nonfinite_in_row = 3
+    _poisoned(build_trainer(tiny_model(), batches, tmp_path, job), {2, 3}).train()  # saved in a streak of 2
+    job.training.steps = 6
+    second = _poisoned(build_trainer(tiny_model(), batches, tmp_path, job), {4})
+    assert second._resume() and second.step == 3
+    assert (int(second.skipped_total), int(second.nonfinite_streak)) == (2, 2)
+    # One more non-finite step makes 3 in a row across the checkpoint: the run stops.
+    with pytest.raises(NonFiniteLossError, match=r"3 optimizer steps in a row .*steps 2-4"):
+        second.train()
+    assert int(second.skipped_total) == 3

@@ -169,3 +169,17 @@ def test_a_20000_token_sample_is_truncated(tokenizer, debug_cfg):
     with pytest.raises(SampleError) as info:
         build(only_long, tokenizer, debug_cfg, max_tokens=80)  # the image prefix alone is 88 tokens
     assert info.value.reason == "too_long"
+
+
+def test_truncation_keeps_the_turns_that_fill_the_limit_exactly(tokenizer, debug_cfg):
+    image = Image.new("RGB", (64, 64))
+    turns = [("first?", "one"), ("second?", "two words"), ("third?", "three")]
+    two, _ = build(sample([image], *turns[:2]), tokenizer, debug_cfg)
+    three, _ = build(sample([image], *turns), tokenizer, debug_cfg)
+    assert three.num_tokens > two.num_tokens
+    doc, events = build(sample([image], *turns), tokenizer, debug_cfg, max_tokens=two.num_tokens)
+    assert events["truncated"] == 1
+    assert torch.equal(doc.input_ids, two.input_ids) and torch.equal(doc.labels, two.labels)
+    one, _ = build(sample([image], *turns[:1]), tokenizer, debug_cfg)
+    doc, _ = build(sample([image], *turns), tokenizer, debug_cfg, max_tokens=two.num_tokens - 1)
+    assert torch.equal(doc.input_ids, one.input_ids)  # one token short of two turns: one turn

@@ -7,6 +7,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import fields, replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from data_helpers import png_bytes, sample
 from PIL import Image
 
 from dualtower.batch import PackedBatch
+from dualtower.data import loader as loader_module
 from dualtower.data import stats as stats_cli
 from dualtower.data.config import DataConfig, SyntheticConfig
 from dualtower.data.document import PreparedDocument
@@ -106,6 +108,42 @@ def test_resume_yields_exactly_the_uninterrupted_batches(tokenizer, debug_cfg, w
     assert max(w["epoch"] for w in resumed.state_dict()["workers"].values()) >= 1
 
 
+class _InProcessWorkers:
+    """Stands in for torch's DataLoader: `num_workers` iterators of the dataset, each seeing its own worker id,
+    read round-robin from worker 0 on (what the torch DataLoader does with worker processes)."""
+
+    worker_id = 0
+
+    def __init__(self, dataset, num_workers: int, **_) -> None:
+        self.dataset, self.num_workers = dataset, num_workers
+
+    def __iter__(self):
+        workers = []
+        for worker_id in range(self.num_workers):
+            _InProcessWorkers.worker_id = worker_id
+            iterator = iter(self.dataset)
+            workers.append(itertools.chain([next(iterator)], iterator))  # the worker reads its id here
+        while True:
+            for iterator in workers:
+                yield next(iterator)
+
+
+def test_a_resumed_loader_hands_each_worker_the_logical_worker_whose_turn_it_is(monkeypatch, tokenizer, debug_cfg):
+    monkeypatch.setattr(loader_module, "DataLoader", _InProcessWorkers)
+    monkeypatch.setattr(loader_module, "get_worker_info", lambda: SimpleNamespace(id=_InProcessWorkers.worker_id))
+
+    def pipeline(logical: int, state: dict | None):  # batch k of logical worker w is "w:k"; resumable
+        return ((f"{logical}:{k}", {"next": k + 1}) for k in itertools.count(state["next"] if state else 0))
+
+    loaders = [build_loader(small_cfg(num_workers=3), debug_cfg, tokenizer) for _ in range(2)]
+    for loader in loaders:
+        monkeypatch.setattr(loader, "pipeline", pipeline)
+    first, resumed = loaders
+    assert take(first, 4) == ["0:0", "1:0", "2:0", "0:1"]
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert take(resumed, 5) == ["1:1", "2:1", "0:2", "1:2", "2:2"]  # 4 % 3: physical worker 0 runs logical 1
+
+
 def test_workers_started_by_forkserver_yield_the_same_batches(tokenizer, debug_cfg):
     """Python 3.14 makes forkserver the default on Linux: everything a worker needs must survive pickling."""
     forked = take(build_loader(small_cfg(num_workers=2, worker_start_method="fork"), debug_cfg, tokenizer), 4)
@@ -131,6 +169,16 @@ def test_finite_split_once_and_ranks_disjoint(tokenizer, debug_cfg):
     passes = [[k for b in loader for k in doc_keys(b)] for _ in range(2)]
     assert passes[0] == passes[1]  # each pass starts over
     assert loader.stats.samples == 13  # the counters of the last pass stay readable
+
+
+def test_a_loader_restored_after_a_finished_pass_starts_a_new_pass(tokenizer, debug_cfg):
+    cfg = small_cfg(num_workers=0)
+    loader = build_loader(cfg, debug_cfg, tokenizer, "val")
+    whole = [doc_keys(b) for b in loader]
+    restored = build_loader(cfg, debug_cfg, tokenizer, "val")
+    restored.load_state_dict(json.loads(json.dumps(loader.state_dict())))
+    assert restored.stats.samples == 13  # the finished pass's counters
+    assert [doc_keys(b) for b in restored] == whole and sum(map(len, whole)) == 13
 
 
 def test_every_document_once_or_counted_as_dropped(tokenizer, debug_cfg):

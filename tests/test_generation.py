@@ -83,11 +83,26 @@ def test_cached_decode_equals_teacher_forced_recomputation(model, prompts) -> No
 
 
 def test_batched_greedy_equals_one_by_one(model, prompts) -> None:
-    engine = Generator(model, eos_token_ids=())
-    batched = engine.generate_prepared(prompts, greedy(8))
-    alone = [engine.generate_prepared([prompt], greedy(8))[0] for prompt in prompts]
+    """Each prompt alone runs on a fresh engine without a prefix cache: nothing the batched call computed (its
+    left-tower K/V, for one) can leak into the one-by-one results."""
+    uncached = lambda: Generator(model, eos_token_ids=(), prefix_cache_bytes=0)
+    batched = uncached().generate_prepared(prompts, greedy(8), return_logits=True)
+    alone = [uncached().generate_prepared([prompt], greedy(8), return_logits=True)[0] for prompt in prompts]
     assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+    for together, single in zip(batched, alone, strict=True):
+        torch.testing.assert_close(together.logits, single.logits, atol=1e-4, rtol=0)
     assert len({tuple(r.token_ids) for r in batched}) == len(prompts)  # the test model is not degenerate
+
+
+def test_the_left_tower_batch_restarts_positions_at_every_prompt(model, prompts) -> None:
+    batch = left_tower_batch(prompts, model.cfg)
+    prefix_lens = [p.prefix_len for p in prompts]
+    assert 0 in prefix_lens and len(set(prefix_lens)) == len(prompts)  # ragged, and one prompt has no prefix
+    expected = torch.cat([torch.arange(n) for n in prefix_lens])
+    assert torch.equal(batch.prefix_positions, expected)
+    assert batch.cu_prefix.tolist() == [0, *torch.tensor(prefix_lens).cumsum(0).tolist()]
+    assert batch.max_prefix_len == max(prefix_lens) and batch.num_rows == len(prompts)
+    assert torch.equal(batch.prefix_ids, torch.cat([p.prefix_ids for p in prompts]))
 
 
 def test_exactly_max_new_tokens_minus_one_decode_steps(model, prompts) -> None:
@@ -276,6 +291,24 @@ def test_the_stop_tracker_cuts_at_the_stop_string_however_the_tokens_are_chunked
         result = tracker.results()[0]
         assert (result.finish_reason, result.token_ids) == ("stop", expected), chunk
         assert result.text == LetterTokenizer().decode(expected).split(stop)[0]
+
+
+@pytest.mark.parametrize("stops", [("cd", "bcd"), ("bcd", "cd")])
+def test_with_several_stop_strings_the_text_ends_before_the_earliest_one(stops: tuple[str, str]) -> None:
+    """'abcd' completes both stop strings at its last token; the text is cut where the first of them begins."""
+    from dualtower.generation.stopping import StopTracker
+
+    stream = [0, 1, 2, 3, 4, 5]  # "abcdef"
+    for chunk in (1, 8):
+        streamed: list[str] = []
+        tracker = StopTracker(LetterTokenizer(), 1, 64, [], stops, on_text=lambda row, s, out=streamed: out.append(s))
+        for start in range(0, len(stream), chunk):
+            if not tracker.all_finished:
+                tracker.update([stream[start : start + chunk]])
+        tracker.finish()
+        result = tracker.results()[0]
+        assert (result.finish_reason, result.token_ids, result.text) == ("stop", [0, 1, 2, 3], "a"), chunk
+        assert "".join(streamed) == "a", chunk
 
 
 def test_stop_strings_end_rows_the_same_for_any_sync_every(model, prompts) -> None:

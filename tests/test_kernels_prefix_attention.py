@@ -43,6 +43,8 @@ CPU_CASES = {
     "causal_gqa1": ([33, 7, 1], [0, 0, 0], 2, 2, 32, 0, 0),
     # GQA 5; a head dim that is not a power of two; padding rows after the last document in both buffers
     "gqa5_padded": ([7, 9, 1], [19, 0, 4], 5, 1, 24, 3, 2),
+    # several K/V heads, each shared by a group of query heads: catches a query head -> K/V head mix-up
+    "gqa2_kv2": ([6, 3], [5, 0], 4, 2, 16, 1, 1),
 }
 
 

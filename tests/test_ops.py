@@ -104,14 +104,20 @@ def test_every_op_through_triton_backend() -> None:
     assert_close(ops.pixel_shuffle_project(x, proj, 2), expected, atol=1e-5, rtol=1e-5, name="projector")
 
 
-def _bottom_right_causal_library(q, keys, values, cu_q, cu_k, max_q, max_k, scale):
-    """Stands in for flash-attn / varlen_attn on CPU: per segment, causal aligned to the bottom right. Rows past
-    the last segment get NaN that depends on the unowned rows of every input: the libraries leave those rows,
-    and their gradients, unwritten."""
+def _bottom_right_causal_library(q, keys, values, cu_q, cu_k, max_q, max_k, scale, window=(-1, 0)):
+    """Stands in for flash-attn / varlen_attn on CPU: per segment, causal aligned to the bottom right (or the
+    libraries' (left, right) window, -1 for unbounded). Rows past the last segment get NaN that depends on the
+    unowned rows of every input: the libraries leave those rows, and their gradients, unwritten."""
+    # The libraries size their work from max_q / max_k: a bound below a real segment is undefined behaviour.
+    assert max_q >= int(cu_q.diff().max()) and max_k >= int(cu_k.diff().max()), (max_q, max_k, cu_q, cu_k)
     segments = []
     for q0, q1, k0, k1 in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist(),
                               strict=True):
-        mask = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool).tril(diagonal=(k1 - k0) - (q1 - q0))
+        query_at = torch.arange(q1 - q0)[:, None] + (k1 - k0) - (q1 - q0)  # bottom-right aligned
+        key_at = torch.arange(k1 - k0)[None, :]
+        left, right = window
+        mask = (right < 0) | (key_at <= query_at + right)
+        mask = mask & ((left < 0) | (key_at >= query_at - left))
         heads_first = lambda t: t.transpose(0, 1)
         attended = torch.nn.functional.scaled_dot_product_attention(
             heads_first(q[q0:q1]), heads_first(keys[k0:k1]), heads_first(values[k0:k1]), attn_mask=mask,
@@ -135,6 +141,36 @@ def test_library_wrappers_merge_kv_and_zero_padding(prefix: list[int]) -> None:
         results.append((out, *grads))
     for name, a, e in zip(("out", "dq", "dk", "dv", "dkp", "dvp"), *results, strict=True):
         assert_close(a, e, atol=1e-5, rtol=1e-5, name=name)
+
+
+class _VarlenRecorder:
+    """Stands in for torch.nn.attention.varlen.varlen_attn on CPU: records its keyword arguments and attends as
+    they say (window_size / is_causal; enable_gqa is needed for fewer K/V heads than query heads)."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def __call__(self, q, keys, values, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                 enable_gqa=False, is_causal=False, **rest):
+        self.calls.append({"window_size": window_size, "is_causal": is_causal, "enable_gqa": enable_gqa, **rest})
+        assert not rest, rest
+        assert enable_gqa or q.shape[1] == keys.shape[1]
+        assert cu_q.dtype == cu_k.dtype == torch.int32
+        window = (-1, 0) if is_causal else window_size
+        return _bottom_right_causal_library(q, keys, values, cu_q, cu_k, max_q, max_k, scale, window)
+
+
+@pytest.mark.parametrize("prefix", [[4, 0, 6], [0, 0, 0]], ids=["right_tower", "left_tower"])
+def test_torch_varlen_asks_for_bottom_right_causal_attention(prefix: list[int], monkeypatch) -> None:
+    """The torch_varlen glue as it calls the installed varlen_attn's signature: causal, GQA, scale."""
+    recorder = _VarlenRecorder()
+    monkeypatch.setattr("torch.nn.attention.varlen.varlen_attn", recorder)
+    batch = packed_attention([5, 2, 3], prefix, 4, 2, 16, pad_text=3, pad_prefix=2 if any(prefix) else 0,
+                             requires_grad=False)
+    ours = ops._library_prefix_attention(ops.torch_varlen_attention, *batch.args, 0.3)
+    assert_close(ours, prefix_attention_reference(*batch.args, scale=0.3), atol=1e-5, rtol=1e-5, name="out")
+    [call] = recorder.calls
+    assert call["window_size"] == (-1, 0) or call["is_causal"] is True
 
 
 def _tiny_block_step(device: str):

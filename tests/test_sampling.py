@@ -122,3 +122,29 @@ def test_top_p_follows_its_rule_on_tie_heavy_logits() -> None:
         more_likely = probs[:, None, :] > probs[:, :, None]  # [b, i, j]: token j strictly more likely than i
         expected = (probs[:, None, :] * more_likely).sum(dim=-1) < top_p
         assert torch.equal(sampling_probs(logits, config) > 0, expected), top_p
+
+
+def test_top_k_keeps_each_rows_own_k_largest_on_tie_heavy_logits() -> None:
+    """Every row has its own k-th largest value: kept iff a logit is >= it (ties with it survive)."""
+    generator = torch.Generator().manual_seed(1)
+    logits = (torch.randn(64, 40, generator=generator) * 1.5).round()  # few distinct values: many ties
+    for top_k in (1, 3, 7):
+        config = SamplingConfig(do_sample=True, temperature=1.0, top_k=top_k, top_p=1.0)
+        expected = logits >= logits.topk(top_k, dim=-1).values[:, -1:]
+        kept = sampling_probs(logits, config) > 0
+        assert torch.equal(kept, expected), top_k
+        assert (kept.sum(-1) >= top_k).all() and len(set(kept.sum(-1).tolist())) > 1  # ties widen some rows
+
+
+def test_top_k_of_two_different_rows() -> None:
+    # Row 0's 2nd largest (4) would also keep the 5 of row 1.
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 9.0, 8.0, 5.0]])
+    kept = sampling_probs(logits, SamplingConfig(do_sample=True, temperature=1.0, top_k=2, top_p=1.0)) > 0
+    assert [set(torch.nonzero(row).flatten().tolist()) for row in kept] == [{0, 1}, {2, 3}]
+
+
+def test_top_p_drops_a_token_whose_more_likely_mass_equals_p_exactly() -> None:
+    # In fp32 the sorted cumulative mass is exactly 0.5, 0.75, 1.0: token 1 has mass 0.5 before it, not < 0.5.
+    logits = torch.tensor([[math.log(0.5), math.log(0.25), math.log(0.25)]])
+    assert support(logits, top_p=0.5, top_k=0, temperature=1.0) == {0}
+    assert support(logits, top_p=0.5000001, top_k=0, temperature=1.0) == {0, 1, 2}  # the tie group goes together

@@ -48,3 +48,18 @@ def test_scheduler_scales_every_group_and_matches_formula() -> None:
     mid = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 90))
     assert seen[55] == pytest.approx([5e-3 * mid, 1e-5 * mid])
     assert seen[100] == pytest.approx([5e-4, 1e-6])
+
+
+def test_zero_warmup_steps_means_no_warmup() -> None:
+    assert warmup_steps_for(1000, 0, 0.03) == 0  # an explicit 0 is not "unset"
+    assert warmup_steps_for(1000, -1, 0.03) == 30
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.AdamW(params, lr=2e-3)
+    build_scheduler(optimizer, ScheduleSection(warmup_steps=0, warmup_ratio=0.03, min_lr_ratio=0.1), total_steps=1000)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-3)  # step 0 already runs at the peak
+
+
+def test_warmup_as_long_as_the_run_ends_at_the_floor() -> None:
+    for step in range(13):  # total_steps == warmup_steps: no cosine part, no division by zero
+        expected = (step + 1) / 10 if step < 10 else 0.1
+        assert lr_multiplier(step, 10, 10, 0.1) == pytest.approx(expected), step

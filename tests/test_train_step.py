@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from test_train_utils import build_trainer, default_job, make_batches, one_thread, read_metrics, tiny_model  # noqa: F401
 
+from dualtower.batch import IGNORE_INDEX
 from dualtower.training import FlopCounter, NonFiniteLossError
 
 # Micro-batches with very different supervised-token counts.
@@ -236,3 +238,21 @@ def test_a_fatal_streak_stops_the_fused_path_before_a_checkpoint_keeps_it(tmp_pa
     with pytest.raises(NonFiniteLossError, match=r"2 optimizer steps in a row .*steps 2-3"):
         trainer.train()
     assert trainer.step == 4 and trainer.parts.checkpointer.checkpoints() == []
+
+
+@pytest.mark.parametrize("implementation", ["foreach", "fused"])
+def test_a_step_without_supervised_tokens_is_a_finite_no_op(tmp_path, implementation: str) -> None:
+    model = tiny_model()
+    (batch,) = make_batches(model, [LAYOUT_A], seed=2)
+    unsupervised = replace(batch, labels=torch.full_like(batch.labels, IGNORE_INDEX), num_supervised=0)
+    cfg = default_job()
+    cfg.optim.implementation = implementation
+    cfg.optim.weight_decay = 0.0  # decoupled decay would move the weights even with zero gradients
+    trainer = build_trainer(model, [unsupervised], tmp_path, cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train_step([unsupervised])
+    trainer._check_nonfinite()
+    assert trainer.last_grad_norm.item() == 0.0  # zero loss (not 0/0): finite, zero gradients
+    assert int(trainer.skipped_total) == 0 and int(trainer.nonfinite_streak) == 0
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
