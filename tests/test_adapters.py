@@ -165,6 +165,22 @@ def test_missing_sources_fail_clearly(tmp_path: Path) -> None:
         load_siglip_vision(tmp_path / "empty")
 
 
+def test_llama_lm_head_that_differs_from_the_embedding_is_rejected(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tiny_llama().save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, tmp_path / "model.safetensors")
+    _, state = load_llama(tmp_path)  # an equal copy is fine
+    assert torch.equal(state["token_embedding.weight"][:300], tensors["model.embed_tokens.weight"])
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] + 1
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"lm_head\.weight differs from model\.embed_tokens\.weight"):
+        load_llama(tmp_path)
+
+
 # -- GGUF ---------------------------------------------------------------------------------------------------
 
 
@@ -224,6 +240,17 @@ def test_original_config_maps_onto_the_135m_flavor() -> None:
     assert cfg.tokenizer_id == "HuggingFaceTB/SmolLM2-360M-Instruct" and cfg.architecture == "dual_tower"
     assert json.dumps(data) == before
     assert config_from_original(data, architecture="vanilla").architecture == "vanilla"
+
+
+def test_original_config_honours_optional_numeric_fields() -> None:
+    """eps, RoPE base and positions of another backbone are read, not replaced by the 135M defaults."""
+    data = {**reference_p_ocr_config(), "lm_rms_eps": 1e-6, "lm_re_base": 10000, "vit_ln_eps": 1e-5,
+            "lm_max_position_embeddings": 2048}  # fmt: skip
+    cfg = config_from_original(data)
+    assert cfg.lm.rms_eps == 1e-6 and cfg.lm.rope_theta == 10000.0 and isinstance(cfg.lm.rope_theta, float)
+    assert cfg.vision.ln_eps == 1e-5 and cfg.lm.max_position_embeddings == 2048
+    defaults = flavor("135m")
+    assert (defaults.lm.rms_eps, defaults.lm.rope_theta, defaults.vision.ln_eps) == (1e-5, 100000.0, 1e-6)
 
 
 @pytest.mark.parametrize(

@@ -182,3 +182,25 @@ def test_tile_features_without_their_placeholders_are_an_error() -> None:
     batch.image_token_index = batch.image_token_index[:0]  # the features would have nowhere to go
     with pytest.raises(IndexError, match="Number of indices"):
         model(batch)
+
+
+def test_every_vit_layer_norm_uses_the_configured_eps() -> None:
+    cfg = tiny_config()
+    cfg.vision.ln_eps = 1e-3
+    vit = DualTowerVLM.from_config(cfg.validate()).vision_encoder
+    norms = [module for module in vit.modules() if isinstance(module, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * cfg.vision.n_blocks + 1  # ln1 and ln2 per block, and the final layer_norm
+    assert [norm.eps for norm in norms] == [1e-3] * len(norms)
+
+
+def test_bfloat16_model_takes_fp32_pixel_values() -> None:
+    """The collator yields fp32 pixels; a bf16 model casts them itself (the same loss as pre-cast pixels)."""
+    model = DualTowerVLM.from_config(tiny_config()).to(torch.bfloat16)
+    batch = random_batch(model, [(1, 2, 5), (2, 0, 4)], torch.Generator().manual_seed(5))
+    assert batch.pixel_values.dtype == torch.float32
+    with torch.no_grad():
+        loss = model.loss_sum(batch)
+        batch.pixel_values = batch.pixel_values.bfloat16()
+        expected = model.loss_sum(batch)
+    assert loss.isfinite() and loss > 0
+    assert torch.equal(loss, expected)

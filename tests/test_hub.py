@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file, save_model
 from test_adapters import reference_p_ocr_config
 from torch import nn
 
-from dualtower.hub import CheckpointError, load_pretrained, parse_dtype, push_to_hub
+from dualtower.hub import FORMAT_VERSION, CheckpointError, load_pretrained, parse_dtype, push_to_hub
 from dualtower.model import DualTowerVLM
 from dualtower.model.config import LMConfig, ModelConfig, VisionConfig, flavor
 
@@ -193,6 +193,51 @@ def test_unrecognised_config_is_rejected(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"hello": 1}))
     with pytest.raises(CheckpointError, match=r"unrecognised config\.json"):
         load_pretrained(tmp_path)
+
+
+def test_newer_format_version_is_rejected(tmp_path: Path) -> None:
+    tiny_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["format_version"] == FORMAT_VERSION
+    (tmp_path / "config.json").write_text(json.dumps({**config, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(CheckpointError, match=rf"format_version {FORMAT_VERSION + 1} is newer than this library"):
+        load_pretrained(tmp_path)
+
+
+def test_tied_names_that_differ_are_rejected(tmp_path: Path) -> None:
+    """A checkpoint storing both names of a tied pair with different values is really untied: no silent pick."""
+    tiny_model().save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["left_decoder.head.weight"] = tensors["left_decoder.token_embedding.weight"] + 1
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"left_decoder\.head\.weight are tied in the model but differ"):
+        load_pretrained(tmp_path)
+
+
+def test_default_dtype_is_the_checkpoints_most_common_dtype(tmp_path: Path) -> None:
+    """A bf16 checkpoint with a few fp32 tensors (norms kept in fp32) loads as bf16, not fp32."""
+    model = tiny_model().to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    for name in ("left_decoder.norm.weight", "right_decoder.norm.weight", "vision_encoder.layer_norm.bias"):
+        tensors[name] = tensors[name].float()
+    save_file(tensors, tmp_path / "model.safetensors")
+    loaded = load_pretrained(tmp_path)
+    assert {param.dtype for param in loaded.parameters()} == {torch.bfloat16}
+    assert_same_state(loaded, model)  # the fp32 copies hold bf16 values: the cast back is exact
+
+
+def test_names_from_a_compiled_model_load(tmp_path: Path) -> None:
+    """torch.compile wrappers put `_orig_mod.` before the whole name (model) or inside it (compiled blocks)."""
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    renamed = {"_orig_mod." + name.replace(".blocks.0.", ".blocks.0._orig_mod."): t for name, t in tensors.items()}
+    assert sum(".blocks.0._orig_mod." in name for name in renamed) > 3
+    save_file(renamed, tmp_path / "model.safetensors")
+    loaded = load_pretrained(tmp_path)
+    assert_same_state(loaded, model)
+    assert torch.equal(text_hidden(loaded), text_hidden(model))
 
 
 # -- the original's formats ---------------------------------------------------------------------------------

@@ -79,3 +79,19 @@ def test_gpu_bf16_within_twice_pytorch(out_width: int) -> None:
     ours = _run(pixel_shuffle_project, *leaves(torch.bfloat16), 4, grad_out.bfloat16())
     for name, a, t, e in zip(("out", "dx", "dw"), ours, theirs, expected, strict=True):
         assert_error_within(a, t, e, name=name)
+
+
+def test_no_tiles_gives_zero_gradients() -> None:
+    """N = 0: no kernel runs, so dW must be allocated zeroed, whatever the allocator hands back."""
+    x = torch.randn(0, 16, 8, requires_grad=True)
+    weight = torch.randn(6, 32, requires_grad=True)
+    out = pixel_shuffle_project(x, weight, 2)
+    assert out.shape == (0, 4, 6)
+    out.sum().backward()
+    assert torch.equal(weight.grad, torch.zeros(6, 32)) and x.grad.shape == (0, 16, 8)
+    big = torch.randn(64, 1024)  # 256 KiB: the allocator's recycled blocks are not zeroed for us
+    for _ in range(4):
+        garbage = torch.full_like(big, 7.0)
+        del garbage
+        _, dw = pixel_shuffle_project_bwd(torch.zeros(0, 4, 64), torch.zeros(0, 16, 256), big, 2, False, True)
+        assert torch.equal(dw, torch.zeros_like(big))

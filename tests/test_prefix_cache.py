@@ -1,0 +1,32 @@
+"""The prefix cache's keys and byte accounting, as units: image digests and re-putting a key."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from dualtower.generation.prefix_cache import PrefixCache, image_digest
+
+
+def test_image_digest_tells_apart_same_bytes_in_another_size_or_mode() -> None:
+    wide, tall = Image.new("RGB", (4, 2), (9, 8, 7)), Image.new("RGB", (2, 4), (9, 8, 7))
+    assert wide.tobytes() == tall.tobytes()  # 24 identical bytes: only the size tells them apart
+    assert image_digest([wide]) != image_digest([tall])
+    gray, color = Image.new("L", (6, 1), 5), Image.new("RGB", (2, 1), (5, 5, 5))
+    assert gray.tobytes() == color.tobytes()  # 6 identical bytes: only the mode (and size) differ
+    assert image_digest([gray]) != image_digest([color])
+    assert image_digest([wide]) == image_digest([Image.new("RGB", (4, 2), (9, 8, 7))])
+
+
+def test_re_putting_a_key_counts_its_bytes_once() -> None:
+    first, second = torch.zeros(2, 2, 3, 1, 4), torch.ones(2, 2, 3, 1, 4)
+    size = first.numel() * first.element_size()  # 96 bytes
+    cache = PrefixCache(max_bytes=2 * size)
+    cache.put(("img", "ids"), first)
+    cache.put(("img", "ids"), second)
+    assert len(cache) == 1 and cache.stats.entries == 1
+    assert cache.stats.bytes_used == size and cache.stats.evictions == 0
+    assert torch.equal(cache.get(("img", "ids")), second)
+    # The budget holds two entries: a second key fits without evicting the re-put one.
+    cache.put(("img", "other"), first)
+    assert len(cache) == 2 and cache.stats.evictions == 0 and cache.stats.bytes_used == 2 * size
