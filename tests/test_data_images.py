@@ -167,3 +167,24 @@ def test_truncated_image_raises_even_when_pil_is_permissive(monkeypatch):
     with pytest.raises(ImageLoadError):
         load_image(truncated)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
+def test_tile_tags_are_row_major_like_the_tiles(tokenizer):
+    """Tags follow the tiles' row-major order: on a 2x2 grid r1c2 comes before r2c1."""
+    assert image_string((2, 2), 1) == (
+        "<|global_image|><|image|><row_1_col_1><|image|><row_1_col_2><|image|>"
+        "<row_2_col_1><|image|><row_2_col_2><|image|>"
+    )
+    ids = tokenizer(image_string((3, 4), 64), add_special_tokens=False).input_ids
+    tags = [ids[65 * (k + 1)] for k in range(12)]
+    assert tags == [tokenizer.convert_tokens_to_ids(f"<row_{k // 4 + 1}_col_{k % 4 + 1}>") for k in range(12)]
+
+
+def test_std_only_normalization_is_applied(debug_cfg):
+    image = Image.new("RGB", (128, 128), (255, 0, 51))
+    plain = ImageProcessor(debug_cfg).process(image).tiles
+    std_only = flavor("debug")
+    std_only.image.mean, std_only.image.std = (0.0, 0.0, 0.0), (0.5, 0.5, 0.5)
+    scaled = ImageProcessor(std_only).process(image).tiles
+    torch.testing.assert_close(scaled, plain / 0.5)
+    assert scaled[0, 0].max() == 2.0 and scaled[0, 2].max() == pytest.approx(0.4, abs=1e-6)

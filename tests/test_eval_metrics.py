@@ -86,3 +86,19 @@ def test_vqa_accuracy_averages_leave_one_out_subsets():
     assert vqa_accuracy("3", answers) == pytest.approx(1.0)
     assert vqa_accuracy("4", answers) == 0.0
     assert mean_vqa_accuracy(["two", "4"], [answers, answers]) == pytest.approx(0.45)
+
+
+def test_cider_d_clips_candidate_ngrams_repeated_more_often_than_in_the_reference():
+    # idf is ln 2 for every n-gram (each occurs in one image's references, or in none: log(max(1, 0)) = 0).
+    # Image 1, "cat cat cat" vs "a cat": candidate unigram vector (cat: 3 ln2), norm 3 ln2; reference (a, cat:
+    #   ln2 each), norm sqrt(2) ln2. The clipped dot counts "cat" as min(3 ln2, ln2) * ln2, so the cosine is
+    #   1 / (3 sqrt 2), not 1 / sqrt 2. No shared bigrams; bigram lengths 2 vs 1 -> penalty exp(-1/72).
+    # Image 2, "a dog" vs "the dog": unigram cosine 1/2, equal lengths.
+    score, per_image = cider_d({"1": "cat cat cat", "2": "a dog"}, {"1": ["a cat"], "2": ["the dog"]}, tokenize=False)
+    image1 = 10 * (math.exp(-1 / 72) / (3 * math.sqrt(2))) / 4
+    assert per_image["1"] == pytest.approx(image1, abs=1e-12)
+    assert per_image["2"] == pytest.approx(1.25, abs=1e-12)
+    assert score == pytest.approx((image1 + 1.25) / 2, abs=1e-12)
+    # Repeating a word cannot beat saying it once (unigram cosine 1 / sqrt 2, the same length penalty).
+    _, once = cider_d({"1": "cat", "2": "a dog"}, {"1": ["a cat"], "2": ["the dog"]}, tokenize=False)
+    assert per_image["1"] < once["1"]

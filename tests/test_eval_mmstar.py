@@ -37,6 +37,9 @@ from dualtower.eval.runner import (
         ("xyz", "", ""),
         ("E", "", ""),  # not one of MMStar's A-D
         ("'A'", "A", ""),  # quotes are stripped by the ranked rule
+        # Equal ranks: the later position wins (lmms-eval sorts by (rank, position), descending).
+        ("(A) or (B)", "B", "A"),  # two "parentheses" candidates
+        ("I choose A or B, maybe", "B", ""),  # two "phrase" candidates (the "A " / "B" space ranks lower)
     ],
 )
 def test_letter_extraction_rules(prediction, ranked, first_letter):

@@ -205,3 +205,66 @@ def test_long_answer_requests_are_capped_to_the_positions(runner: EvalModel, mon
     monkeypatch.setattr(runner.cfg.lm, "max_position_embeddings", length)
     with pytest.raises(ValueError, match="fills all"):
         runner.generate([prompt], sampling_from_gen_kwargs({"max_new_tokens": 4}))
+
+
+def continuation_ids(document: Document) -> list[int]:
+    """The supervised label ids of a scoring document, i.e. the continuation's tokens."""
+    return document.labels[document.labels != IGNORE_INDEX].tolist()
+
+
+def test_max_new_tokens_cap_uses_the_longest_prompt_of_the_batch(runner: EvalModel, monkeypatch, caplog):
+    short, long = EvalPrompt([], "Hi"), EvalPrompt([], "Please tell me a long story about a brave dragon and a knight.")
+    short_len, long_len = (runner._prepared(p).input_ids.numel() for p in (short, long))
+    assert long_len >= short_len + 5  # clearly different lengths, one batch (batch_size 3)
+    monkeypatch.setattr(runner.cfg.lm, "max_position_embeddings", long_len + 3)
+    capped = runner.generate([short, long], sampling_from_gen_kwargs({"max_new_tokens": 8192}))
+    assert "max_new_tokens 8192 capped to 3:" in caplog.text
+    assert capped == runner.generate([short, long], sampling_from_gen_kwargs({"max_new_tokens": 3}))
+
+
+def test_is_greedy_is_false_when_a_later_token_is_not_the_argmax(runner: EvalModel):
+    text = "Describe a red square."
+    _, _, first = direct_logprobs(runner, [], text, "", "x")
+    first_text = runner.tokenizer.decode([first])
+    assert runner.encode(first_text) == [first]
+    _, _, second = direct_logprobs(runner, [], text, first_text, "x")  # the argmax after `first`
+    # A second token that is not the argmax and that the joint tokenization keeps as [first, other].
+    others = [runner.encode(word)[0] for word in (" the", " and", ".", " cat", " of")]
+    decode = runner.tokenizer.decode
+    other = next(t for t in others if t != second and runner.encode(first_text + decode([t])) == [first, t])
+    continuation = decode([first, other])
+    assert continuation_ids(runner.scoring_document(EvalPrompt([], text), continuation)) == [first, other]
+    (logprob, is_greedy), (_, first_greedy) = runner.loglikelihood(
+        [(EvalPrompt([], text), continuation), (EvalPrompt([], text), first_text)]
+    )
+    assert first_greedy is True and is_greedy is False
+    expected, expected_greedy, _ = direct_logprobs(runner, [], text, "", continuation)
+    assert expected_greedy is False
+    assert logprob == pytest.approx(expected, abs=1e-4)
+
+
+def test_trailing_whitespace_of_the_assistant_prefix_moves_into_the_continuation(runner: EvalModel):
+    """lm-eval's rule: context "Answer: " + "A" is scored as "Answer:" + " A" (the space token or a merged " A")."""
+    prompt = EvalPrompt([], "What color is the shape?\nChoices: A: red, B: blue", "Answer: ")
+    expected_ids = runner.encode("Answer: A")[len(runner.encode("Answer:")) :]
+    assert expected_ids == runner.encode(" A") != runner.encode("A")
+    document = runner.scoring_document(prompt, "A")
+    assert continuation_ids(document) == expected_ids
+    context = runner.prompt_document(EvalPrompt([], prompt.text, "Answer:")).input_ids.tolist()
+    assert document.input_ids.tolist() == context + expected_ids
+    ((logprob, _),) = runner.loglikelihood([(prompt, "A")])
+    assert logprob == pytest.approx(direct_logprobs(runner, [], prompt.text, "Answer:", " A")[0], abs=1e-4)
+
+
+def test_continuation_tokens_come_from_the_joint_tokenization(runner: EvalModel):
+    """After "...", the byte-level regex glues "'" to the punctuation run: "'m" is scored as "'" + "m", the
+    tokens a model reading "Answer: ...'m" sees, not the separate tokenization's single "'m" token."""
+    prefix, continuation = "Answer: ...", "'m"
+    context_ids, whole = runner.encode(prefix), runner.encode(prefix + continuation)
+    assert whole[: len(context_ids)] == context_ids
+    joint = whole[len(context_ids) :]
+    assert joint == runner.encode("'") + runner.encode("m") and joint != runner.encode(continuation)
+    document = runner.scoring_document(EvalPrompt([], "Hi", prefix), continuation)
+    assert continuation_ids(document) == joint
+    context = runner.prompt_document(EvalPrompt([], "Hi", prefix)).input_ids.tolist()
+    assert document.input_ids.tolist() == context + joint
