@@ -11,7 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from dualtower.generate import batch_seed, build_parser, main, pair_requests, read_requests_file
+from dualtower.generate import (
+    batch_seed,
+    build_parser,
+    check_checkpoint,
+    main,
+    pair_requests,
+    read_requests_file,
+)
 from dualtower.generation import GenerationRequest, Generator, SamplingConfig
 from dualtower.model import DualTowerVLM
 
@@ -80,6 +87,7 @@ def test_cli_requests_file_streaming_and_weights_file(capsys, tmp_path, checkpoi
         (("--image", "{square}", "--bogus"), 2, "unrecognized arguments"),
         (("--image", "{square}", "--top_p", "1.5"), 2, "--top_p"),
         (("--image", "{square}", "--jsonl", "--stream"), 2, "--jsonl cannot be combined with --stream"),
+        (("--image", "{square}", "--stop", ""), 2, "--stop strings must be non-empty"),
         (
             (
                 "--image",
@@ -182,3 +190,27 @@ def test_cli_stream_seeds_each_request_differently_and_jsonl(capsys, checkpoint,
     assert all(row["finish_reason"] in ("eos", "length", "stop") and 1 <= row["tokens"] <= 4 for row in rows)
     assert "".join(row["text"] + "\n" for row in rows) == streamed
     assert rows[0]["text"] != rows[1]["text"]
+
+
+def test_requests_file_paths_are_relative_to_its_folder_and_blank_lines_are_skipped(tmp_path, monkeypatch) -> None:
+    folder = tmp_path / "set"
+    folder.mkdir()
+    requests = folder / "requests.jsonl"
+    absolute = str(tmp_path / "elsewhere" / "c.png")
+    lines = ['{"image": "a.png", "prompt": "x"}', "", "   ", json.dumps({"images": ["sub/b.png", absolute]})]
+    requests.write_text("\n".join(lines) + "\n")
+    monkeypatch.chdir(tmp_path)  # relative paths are not taken from the working directory
+    assert read_requests_file(requests) == [
+        ([str(folder / "a.png")], "x"),
+        ([str(folder / "sub" / "b.png"), absolute], "Describe the image."),
+    ]
+
+
+def test_a_missing_local_checkpoint_fails_fast_but_a_hub_id_does_not(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for local in ("no-such-model", "runs/step_100/model", "./model", "model.safetensors"):
+        with pytest.raises(FileNotFoundError, match=f"checkpoint not found: {local}"):
+            check_checkpoint(local, None)
+    check_checkpoint("owner/name", None)  # may be a Hub repo id: left to the loader
+    with pytest.raises(FileNotFoundError, match="config not found"):
+        check_checkpoint("owner/name", "missing.json")

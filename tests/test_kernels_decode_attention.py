@@ -61,3 +61,24 @@ def test_gpu_bf16_within_twice_pytorch(rows: int, heads: tuple[int, int]) -> Non
     with eager_low_precision():  # PyTorch's own bf16 attention
         theirs = decode_attention_reference(*args(torch.bfloat16))
     assert_error_within(decode_attention(*args(torch.bfloat16)), theirs, expected, name="out")
+
+
+def test_strided_queries_and_per_row_lengths_across_every_split() -> None:
+    """q with its row and head dimensions swapped in memory (a decode step's q is a view of a projection), and
+    rows whose lengths end in the first, the middle and the last (partial) split of a 37-position cache."""
+    k_cache, v_cache = _cache(3, 2, 37, 16)
+    q = other_layout(torch.randn(3, 4, 16))
+    assert q.stride(-1) == 1 and not q.is_contiguous()
+    lengths = torch.tensor([3, 20, 37])
+    ours = decode_attention(q, k_cache, v_cache, lengths)
+    assert_close(ours, decode_attention_reference(q, k_cache, v_cache, lengths), atol=1e-5, rtol=1e-5, name="out")
+
+
+def test_queries_and_caches_whose_head_dim_is_not_contiguous() -> None:
+    """The kernels index the head dim with unit stride: other layouts must be copied first, not misread."""
+    q = torch.randn(2, 16, 4).transpose(1, 2)  # (B, Hq, D) with stride(-1) == 4
+    k_cache, v_cache = (t.transpose(2, 3).contiguous().transpose(2, 3) for t in _cache(2, 2, 21, 16))
+    assert q.stride(-1) != 1 and k_cache.stride(-1) != 1
+    lengths = torch.tensor([21, 9])
+    ours = decode_attention(q, k_cache, v_cache, lengths)
+    assert_close(ours, decode_attention_reference(q, k_cache, v_cache, lengths), atol=1e-5, rtol=1e-5, name="out")

@@ -303,3 +303,34 @@ def test_autocast_casts_keyword_tensors_and_leaves_fp64_alone() -> None:
     expected = linear_cross_entropy_reference(hidden.bfloat16(), weight.bfloat16(), labels)
     torch.testing.assert_close(by_keyword, expected, rtol=1e-5, atol=1e-5)
     assert projected.dtype == torch.float64  # autocast leaves fp64 matmuls alone
+
+
+def test_triton_runs_on_the_cpu_only_under_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interpreter emulates Triton on host memory: it makes the CPU available, never MPS or meta tensors."""
+    monkeypatch.setattr(ops, "INTERPRET", True)
+    assert ops.is_available("triton", "cpu")
+    assert not ops.is_available("triton", "meta")
+    assert not ops.is_available("triton", "mps")
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    assert not ops.is_available("triton", "cpu")
+    assert ops.available_backends("decode_attention", "cpu") == [ops.REFERENCE]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_check_backends_checks_every_op(op: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops, "INTERPRET", False)  # no Triton on this CPU
+    ops.check_backends("cpu")  # automatic choices always run
+    ops.set_backend("triton", op=op)
+    with pytest.raises(RuntimeError, match=f"'triton' is not available for {op} on cpu"):
+        ops.check_backends("cpu")
+
+
+@pytest.mark.parametrize("backend", ["chunked", "reference", "triton"])
+def test_linear_cross_entropy_passes_its_ignore_index_to_every_backend(backend: str) -> None:
+    ops.set_backend(backend, op="linear_cross_entropy")
+    hidden, weight = torch.randn(5, 16), torch.randn(30, 16)
+    labels = torch.tensor([3, -1, 29, -1, 0])
+    loss = ops.linear_cross_entropy(hidden, weight, labels, ignore_index=-1)
+    logits = hidden @ weight.t()
+    expected = torch.nn.functional.cross_entropy(logits[[0, 2, 4]], labels[[0, 2, 4]], reduction="sum")
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
