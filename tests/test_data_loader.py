@@ -157,6 +157,11 @@ def test_state_of_another_setup_is_refused(tokenizer, debug_cfg):
     other = build_loader(small_cfg(num_workers=2), debug_cfg, tokenizer)
     with pytest.raises(ValueError, match="num_logical_workers"):
         other.load_state_dict(loader.state_dict())
+    for changed, key in ((small_cfg(pack=False), "pack"), (small_cfg(seed=1), "seed")):
+        with pytest.raises(ValueError, match=f"'{key}'"):  # a packed stream does not continue as an unpacked one
+            build_loader(changed, debug_cfg, tokenizer).load_state_dict(loader.state_dict())
+    with pytest.raises(ValueError, match="'split'"):
+        build_loader(small_cfg(), debug_cfg, tokenizer, "val").load_state_dict(loader.state_dict())
 
 
 def test_finite_split_once_and_ranks_disjoint(tokenizer, debug_cfg):

@@ -150,3 +150,31 @@ def _bfd_efficiency(lengths: list[tuple[int, int]], max_tokens: int, max_tiles: 
             pending = [item for item in pending if item.key not in taken]
             used, rows = used + sum(row.tokens for row in best), rows + len(best)
     return used / (rows * max_tokens)
+
+
+def test_bfd_puts_an_item_into_the_fitting_row_with_the_least_room():
+    # Rows after the first two items: A leaves (10 tokens, 7 tiles), B leaves (20 tokens, 2 tiles). Room is the
+    # scarcer resource: A has 0.1 left, B 0.2, so C goes next to A.
+    a, b, c = Item((0, 0), 60, 1), Item((0, 1), 50, 6), Item((0, 2), 30, 2)
+    rows = pack_bfd([c, b, a], max_tokens=100, max_tiles=10)
+    assert [[item.key for item in row.items] for row in rows] == [[a.key, c.key], [b.key]]
+
+
+def test_a_row_is_seeded_by_the_item_largest_in_its_dominant_resource():
+    packer: StreamPacker[None] = StreamPacker(100, 10, buffer_size=8, max_wait=64)
+    packer.add(Item((0, 0), 80, 0))  # 80 % of the tokens
+    packer.add(Item((0, 1), 50, 9))  # 90 % of the tiles: the larger one
+    assert [item.key for item in packer.take_rows(1)[0].items] == [(0, 1)]
+
+
+def test_buffer_fills_to_its_size_and_the_clock_counts_batches_not_rows():
+    packer: StreamPacker[None] = StreamPacker(100, 10, buffer_size=3, max_wait=64)
+    for index in range(3):
+        assert not packer.full
+        packer.add(Item((0, index), 90, 0))
+    assert packer.full
+    assert len(packer.take_rows(3)) == 3 and packer.batches == 1
+    packer.add(Item((0, 3), 90, 0))
+    assert packer.buffer[0].born == 1
+    with pytest.raises(ValueError, match="exceeds a row"):
+        packer.add(Item((0, 4), 50, 11))

@@ -143,3 +143,15 @@ def test_bad_arguments():
         SyntheticSource(0, "train", question_types=("colour",))
     with pytest.raises(IndexError):
         SyntheticSource(0, "train", 3)[3]
+
+
+def test_from_config_takes_every_option_of_the_section():
+    from dualtower.data.config import SyntheticConfig
+
+    cfg = SyntheticConfig(num_train=30, num_val=5, num_heldout=4, question_types=("shape", "count"),
+                          difficulty="hard", max_turns=1)
+    source = SyntheticSource.from_config(cfg, seed=3, split="val")
+    assert (len(source), source.question_types, source.difficulty, source.split, source.seed) == (
+        5, ("shape", "count"), "hard", "val", 3)
+    assert {len(source[i]["texts"]) for i in range(5)} == {1}  # max_turns = 1: one question per sample
+    assert len(SyntheticSource.from_config(cfg, 3, "heldout")) == 4

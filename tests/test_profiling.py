@@ -67,6 +67,26 @@ def test_training_past_its_last_step_warns_about_the_untraced_profile_step(tmp_p
     assert "profile.steps 3 will not be traced: this run trains steps 1..1" in caplog.text
 
 
+def test_training_hands_the_profiler_one_based_optimizer_steps(tmp_path) -> None:
+    import contextlib
+
+    from test_train_utils import build_trainer, default_job, make_batches, tiny_model
+
+    cfg = default_job()
+    cfg.training.steps = 2
+    trainer = build_trainer(tiny_model(), make_batches(tiny_model(), [[(0, 0, 4)]]), tmp_path, cfg)
+    wrapped = []  # (step given to the profiler, steps finished inside its block)
+
+    @contextlib.contextmanager
+    def step(number: int):
+        yield
+        wrapped.append((number, trainer.step))
+
+    trainer.parts.profiler.step = step
+    trainer.train()
+    assert wrapped == [(1, 0), (2, 1)]  # step n is traced while it runs (trainer.step counts finished ones)
+
+
 def _event(name: str, ts: float, dur: float, cat: str = "cpu_op", tid: int = 1, ext: int | None = None) -> dict:
     args = {} if ext is None else {"External id": ext}
     return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": tid, "args": args}

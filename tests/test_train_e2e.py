@@ -81,3 +81,37 @@ def test_debug_recipe_learns_the_synthetic_task(tmp_path) -> None:
     final = [r for r in records if "eval/accuracy" in r][-1]
     assert losses[-1] < losses[0] / 5
     assert final["eval/accuracy"] >= 0.9, final
+
+
+def test_build_model_applies_the_model_section(monkeypatch) -> None:
+    import torch
+    from test_train_utils import tiny_model
+
+    from dualtower.config import ModelSection
+    from dualtower.model import DualTowerVLM
+    from dualtower.training.build import build_model
+
+    monkeypatch.setattr(DualTowerVLM, "from_flavor", lambda name: tiny_model())  # a random init, but tiny
+    section = ModelSection(tokenizer_id="someone/tokenizer", image_mean=(0.5, 0.4, 0.3), image_std=(0.2, 0.25, 0.3),
+                           dtype="bfloat16")
+    model = build_model(section, seed=0, device=torch.device("cpu"))
+    assert model.cfg.tokenizer_id == "someone/tokenizer"
+    assert model.cfg.image.mean == (0.5, 0.4, 0.3) and model.cfg.image.std == (0.2, 0.25, 0.3)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_heldout_questions_follow_the_eval_seed_and_the_data_difficulty() -> None:
+    from test_train_utils import default_job
+
+    from dualtower.data.synthetic import heldout_examples
+    from dualtower.training.build import build_heldout
+
+    cfg = default_job()
+    cfg.data.synthetic.difficulty, cfg.eval.accuracy_samples, cfg.eval.accuracy_seed = "hard", 3, 7
+    built = build_heldout(cfg.data, cfg.eval)
+    expected = heldout_examples(3, seed=7, question_types=tuple(cfg.data.synthetic.question_types), difficulty="hard")
+    assert [(e["question"], e["answer"], [i.tobytes() for i in e["images"]]) for e in built] == [
+        (e["question"], e["answer"], [i.tobytes() for i in e["images"]]) for e in expected
+    ]
+    cfg.eval.accuracy_samples = 0
+    assert build_heldout(cfg.data, cfg.eval) == []

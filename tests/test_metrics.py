@@ -1,0 +1,105 @@
+"""metrics.jsonl: the training record of a logging window (sums over its steps and micro-batches, packing
+efficiency, tokens/s without pauses, logged LRs and gradient norm) and the MetricsLogger file itself."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+from test_train_utils import build_trainer, default_job, make_batches, one_thread, read_metrics, tiny_model  # noqa: F401
+
+from dualtower.training.metrics import MetricsLogger, peak_memory_gib
+from dualtower.training.trainer import _Window
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LAYOUTS = [[(1, 2, 5), (0, 0, 3)], [(2, 1, 17), (1, 0, 9), (0, 0, 11)], [(0, 0, 7), (1, 3, 4)]]
+LRS = {"vision": 1e-4, "projector": 2e-3, "left": 5e-4, "right": 3e-4}
+
+
+def _packed_batches(model, count: int, capacity: int = 300):
+    """Batches of one document per packed row (num_rows > 1), so row capacity is rows x capacity."""
+    batches = make_batches(model, [LAYOUTS[i % len(LAYOUTS)] for i in range(count)], seed=4)
+    return [replace(b, doc_row=torch.arange(b.num_docs), num_rows=b.num_docs, row_capacity=capacity) for b in batches]
+
+
+def _job(steps: int, log_every: int, micro_batches: int = 1):
+    cfg = default_job()
+    cfg.optim.lr_vision, cfg.optim.lr_projector, cfg.optim.lr_left, cfg.optim.lr_right = LRS.values()
+    cfg.training.steps, cfg.training.micro_batches, cfg.metrics.log_every = steps, micro_batches, log_every
+    return cfg
+
+
+def test_windows_sum_their_micro_batches_and_the_last_step_is_logged(tmp_path) -> None:
+    model = tiny_model()
+    batches = _packed_batches(model, 6)
+    build_trainer(model, batches, tmp_path, _job(steps=3, log_every=2, micro_batches=2)).train()
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [2, 3]  # every log_every steps, and the final step
+    for record, window in zip(records, (batches[:4], batches[4:]), strict=True):
+        tokens = sum(b.num_tokens for b in window)
+        assert record["supervised_tokens"] == sum(b.num_supervised for b in window)
+        assert record["packing_efficiency"] == pytest.approx(tokens / sum(b.num_rows * 300 for b in window))
+
+
+def test_a_logged_record_has_the_window_loss_rates_lrs_and_the_unclipped_norm(tmp_path) -> None:
+    model = tiny_model().double()
+    batches = _packed_batches(model, 3)
+    cfg = _job(steps=2, log_every=2)
+    cfg.training.max_grad_norm = 1e-4  # clipping acts; the record keeps the norm before it
+    trainer = build_trainer(model, batches, tmp_path, cfg)
+    window, loss_sums = _Window(), []
+    for micro in (batches[:2], batches[2:]):  # two optimizer steps, the first one accumulating two batches
+        with torch.no_grad():
+            loss_sums.append(sum(float(model.loss_sum(b)) for b in micro))
+        trainer.train_step(micro, window)
+    trainer.step = 2
+    window.start, window.paused = time.perf_counter() - 10.0, 8.0  # 2 s of training, 8 s of evaluation
+    trainer._log(window)
+    (record,) = read_metrics(tmp_path)
+    supervised = sum(b.num_supervised for b in batches)
+    assert record["supervised_tokens"] == supervised
+    assert record["loss"] == pytest.approx(sum(loss_sums) / supervised, rel=1e-6)  # fp32 step sums
+    assert record["tokens_per_s"] == pytest.approx(sum(b.num_tokens for b in batches) / 2.0, rel=0.05)
+    assert record["grad_norm"] == pytest.approx(float(trainer.last_grad_norm)) and record["grad_norm"] > 1e-2
+    assert {k: v for k, v in record.items() if k.startswith("lr/")} == {f"lr/{k}": v for k, v in LRS.items()}
+    assert record["lr"] == LRS["projector"]  # the largest tower LR
+
+
+def test_non_finite_values_are_written_as_null(tmp_path) -> None:
+    logger = MetricsLogger(default_job().metrics, tmp_path, True, 1, {})
+    logger.log({"step": 1, "loss": float("inf"), "grad_norm": float("-inf"), "mfu": float("nan"), "lr": 1e-3})
+    logger.close()
+
+    def strict(constant: str):
+        raise ValueError(f"not JSON: {constant}")
+
+    (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(line, parse_constant=strict) == {
+        "step": 1,
+        "loss": None,
+        "grad_norm": None,
+        "mfu": None,
+        "lr": 1e-3,
+    }
+
+
+def test_a_resumed_run_appends_to_metrics_jsonl(tmp_path) -> None:
+    for step in (1, 2):
+        logger = MetricsLogger(default_job().metrics, tmp_path, True, 2, {})
+        logger.log({"step": step, "loss": 1.0})
+        logger.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    MetricsLogger(default_job().metrics, tmp_path / "other", False, 2, {}).log({"step": 1})  # rank != 0: nothing
+    assert not (tmp_path / "other").exists()
+
+
+def test_cpu_peak_memory_is_the_resident_peak_in_gib() -> None:
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_memory_gib(torch.device("cpu"))
+    assert 0.05 < peak < 1024  # a process with torch loaded holds more than 50 MiB
+    assert peak == pytest.approx(rss_kib / 2**20, rel=0.5)
