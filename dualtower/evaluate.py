@@ -17,6 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from dualtower.cli_errors import error_line
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "patrickamadeus/dualtower-cauldron"
@@ -282,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as error:  # a CLI reports a failure in one line; --verbosity DEBUG keeps the traceback
         logger.debug("evaluation failed", exc_info=True)
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.write(error_line(error) + "\n")
         return 1
 
 

@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from dualtower.cli_errors import error_line
+
 DEFAULT_PROMPT = "Describe the image."
 REQUEST_KEYS = ("image", "images", "prompt")
 EXIT_USAGE = 2
@@ -332,8 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # a CLI reports any failure in one line; --verbose keeps the traceback
         if args.verbose:
             logger.exception("generation failed")
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.write(error_line(error) + "\n")
         return EXIT_FAILURE
     return 0
 

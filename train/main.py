@@ -16,6 +16,7 @@ from pathlib import Path
 
 from dualtower import ops
 from dualtower.adapters.common import CheckpointError
+from dualtower.cli_errors import error_line
 from dualtower.config import JobConfig, load_job_config, usage
 from dualtower.data.loader import build_loader
 from dualtower.model.config import ConfigError
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (NonFiniteLossError, FileNotFoundError, CheckpointError, TokenizerError) as exc:
-        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 3
     return 0
 

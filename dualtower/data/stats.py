@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dualtower.batch import PackedBatch
+from dualtower.cli_errors import error_line
 from dualtower.data.config import DataConfig
 from dualtower.data.loader import build_loader
 from dualtower.model.config import FLAVORS, flavor
@@ -132,8 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         return summarize(args)
     except Exception as error:  # a CLI reports a failure in one line (exit status 1)
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SystemExit(f"error: {message}") from error
+        raise SystemExit(error_line(error)) from error
 
 
 def summarize(args: argparse.Namespace) -> dict[str, Any]:
