@@ -91,8 +91,11 @@ def extra_peak_gib(fn: Callable[[], Any]) -> float | None:
 
 
 def median_s(benchmark: Any) -> float | None:
-    """The benchmark's median in seconds, or None under --benchmark-disable (nothing was timed)."""
-    return benchmark.stats.stats.median if benchmark.enabled and benchmark.stats is not None else None
+    """The benchmark's median in seconds, or None when nothing was timed: --benchmark-disable, or a run stopped
+    (gpu_check's stage limit) before the first timed round."""
+    if not benchmark.enabled or benchmark.stats is None or not benchmark.stats.stats.data:
+        return None
+    return benchmark.stats.stats.median
 
 
 # A 16-bit kernel differs from the 16-bit reference by rounding, a few parts in a thousand of the largest
@@ -116,3 +119,40 @@ def relative_error(actual: object, expected: object) -> float:
 def env_list(name: str, default: str) -> list[str]:
     """A comma-separated environment variable (e.g. DUALTOWER_BENCH_FLAVORS=360m narrows a GPU run)."""
     return [item for item in os.environ.get(name, default).split(",") if item]
+
+
+def repeated_calls(fn: Callable[[], Any], calls: int, warmup: int = 2) -> tuple[Callable[[], Any], str]:
+    """`calls` back-to-back calls of `fn` as one callable that returns the last call's output, and how it runs them.
+
+    "cuda_graph": one CUDA graph of the calls, captured over the tensors `fn` closes over (they stay its static
+    inputs), replayed: what a captured decode step pays, without a launch from Python per call. Otherwise (no
+    CUDA, or `fn` cannot be captured: a host sync, a CPU tensor) "eager: <why>", a Python loop of the calls.
+    """
+    try:
+        stream = torch.cuda.Stream()  # raises without CUDA
+        stream.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        # Warm-up (compilation, autotuning, lazy init) off the default stream, as capture requires. The outer
+        # context restores the caller's stream even when a failed capture leaves torch.cuda.graph's unexited.
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn()
+            with torch.cuda.graph(graph, stream=stream):
+                for _ in range(calls):
+                    out = fn()
+        torch.cuda.current_stream().wait_stream(stream)
+    except Exception as error:  # whatever stops a capture, the calls can still be timed eagerly
+        why = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+        def loop() -> Any:
+            for _ in range(calls):
+                result = fn()
+            return result
+
+        return loop, f"eager: {why}"
+
+    def replay() -> Any:
+        graph.replay()
+        return out
+
+    return replay, "cuda_graph"

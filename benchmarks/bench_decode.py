@@ -21,6 +21,8 @@ baseline_ms_per_token, baseline_tokens_per_s, baseline_ttft_ms, baseline_peak_me
 weights, caches and activations, without the engine's resident model).
 Targets (reported, not asserted): 360m batch 1 <= 2 ms/token and TTFT <= 30 ms, batch 16 >= 5000 tokens/s;
 135m batch 1 <= 1.5 ms/token.
+DUALTOWER_BENCH_PROFILE_DIR=DIR: after timing, one more batch-1 generation runs under the torch profiler into
+DIR/decode_<flavor>_rows1.json (time to first token is where the engine trails its targets).
 
 Shape legend: B rows, L prompt tokens, P prefix tokens.
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 import copy
 import os
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +41,7 @@ from original_generate import original_batch, original_generate
 
 from dualtower.generation import Generator, PreparedPrompt, SamplingConfig
 from dualtower.model import DualTowerVLM
+from dualtower.training.profiling import trace_to
 
 FLAVORS = env_list("DUALTOWER_BENCH_FLAVORS", "360m,135m" if CUDA else "debug")  # 360m first: the headline
 BATCHES = [1, 16] if CUDA else [1, 4]
@@ -101,6 +105,10 @@ def test_decode(benchmark, models, rows: int) -> None:
     warm = Generator(fast, eos_token_ids=(), compile=COMPILE)  # shares the compiled block with `cold`
     warm.generate_prepared(prompts, config)  # fills the prefix cache
     cached = [_cached_ttft_ms(warm, prompts, config) for _ in range(ROUNDS)]
+    folder = os.environ.get("DUALTOWER_BENCH_PROFILE_DIR")
+    if folder and rows == 1:  # after the figures: profiling must not touch them
+        with trace_to(Path(folder) / f"decode_{flavor}_rows{rows}.json", DEVICE):
+            cold.generate_prepared(prompts, config)
 
     baseline_runs, baseline_tokens, baseline_peak = _baseline(reference, prompts)
     if not CUDA:  # the same fp32 weights and math: the two must agree token for token

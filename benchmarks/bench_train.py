@@ -80,11 +80,33 @@ CASES = [
         id="360m-all-eager",
     ),
     pytest.param(
+        # The issue's target here is 3x the original's eager figure: the anchor is that eager row.
+        Case("135m-default-compiled", "135m", "cuda", 4, 5, 1723, "default", True, 8, anchor=(31_418, 13.9)),
+        id="135m-default-compiled",
+        marks=pytest.mark.compiled,
+    ),
+    pytest.param(
         Case("360m-all-compiled", "360m", "cuda", 4, 5, 1723, "all", True, 8, anchor=(45_257, 31.4), profile=True),
         id="360m-all-compiled",
         marks=pytest.mark.compiled,
     ),
 ]
+PROVIDERS = ["original", "dualtower"]  # the baseline first: the ratio needs it
+
+
+def _params() -> list:
+    """Every case x provider. The original compiled on CUDA is also `slow`: inductor takes minutes over its whole-model
+    graph (over 150 s on an H200 for 360m), more than the GPU check's budget. Without it, a compiled dualtower
+    entry has no same-run baseline and carries the reference_throughput.md anchor alone."""
+    params = []
+    for case_param in CASES:
+        (case,) = case_param.values
+        for provider in PROVIDERS:
+            slow = [pytest.mark.slow] if case.compile and case.device == "cuda" and provider == "original" else []
+            params.append(pytest.param(case, provider, id=f"{case_param.id}-{provider}",
+                                       marks=[*case_param.marks, *slow]))
+    return params
+
 # case name -> the original provider's figures, measured earlier in this session (the baseline runs first)
 BASELINES: dict[str, dict[str, float | None]] = {}
 
@@ -149,8 +171,7 @@ def _model_flops(case: Case, model: DualTowerVLM, batch) -> float:
     return flops
 
 
-@pytest.mark.parametrize("provider", ["original", "dualtower"])  # the baseline first: the ratio needs it
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize(("case", "provider"), _params())
 def test_train_step(benchmark, case: Case, provider: str, tmp_path: Path) -> None:
     if case.device == "cuda" and not CUDA:
         pytest.skip("needs a CUDA device")

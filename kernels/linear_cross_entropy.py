@@ -9,8 +9,11 @@ Algorithm (fast paths): gather the supervised rows, then per chunk of R rows
     a row pass: logsumexp over V (fp32) and the loss; when gradients are wanted, the logits are overwritten
     in place with dlogits = softmax - onehot
     d_hidden[chunk] = dlogits @ W,  d_weight += dlogits.T @ h_chunk
-The gradients are computed in the forward (no second logits GEMM) and scaled by the incoming gradient in the
-backward. Peak extra memory is one (R, V) chunk plus d_weight; R is sized from LOGITS_CHUNK_BYTES.
+The gradients are computed in the forward (no second logits GEMM), kept in fp32 (fp64 for fp64 inputs), and
+scaled by the incoming gradient in the backward, which rounds them to the input dtype once. A 16-bit copy in
+between would round twice (the scale is 1 / supervised tokens in training): on an H200 that doubled rounding
+left the bf16 d_hidden 2.01x PyTorch's own bf16 error. Peak extra memory is one (R, V) chunk plus the fp32
+gradients; R is sized from LOGITS_CHUNK_BYTES.
 
 The row pass is one Triton program per row (`linear_cross_entropy`, CUDA or the interpreter) or a few PyTorch
 ops over the chunk (`linear_cross_entropy_chunked`, the CPU path). On CPUs the win is skipping unsupervised
@@ -120,7 +123,7 @@ def _chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, chunk_rows: int) ->
 
 
 def _has_fp32_out_mm(x: Tensor) -> bool:
-    """cuBLAS bf16/fp16 GEMMs can write fp32 (aten mm.dtype, CUDA only): chunk partials then skip a rounding."""
+    """cuBLAS bf16/fp16 GEMMs can write fp32 (aten mm.dtype, CUDA only): the products then skip a rounding."""
     return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _fp32_out_mm_works(x.dtype)
 
 
@@ -141,8 +144,8 @@ def linear_cross_entropy_fwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, need_d_hidden: bool, need_d_weight: bool,
     chunk_rows: int, triton_rows: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """-> loss (fp32 scalar, fp64 for fp64 inputs), d_hidden (N, C) or empty, d_weight (V, C) or empty: gradients
-    of the loss.
+    """-> loss, d_hidden (N, C) or empty, d_weight (V, C) or empty: the loss and its gradients, all in fp32 (fp64
+    for fp64 inputs).
 
     triton_rows picks the row pass: the Triton kernel (CUDA, the interpreter) or PyTorch ops (any device).
     """
@@ -157,37 +160,35 @@ def linear_cross_entropy_fwd(
     # One host sync: work only on supervised rows (often a minority of the text tokens).
     rows = (labels != ignore_index).nonzero().squeeze(1)
     need_grad = need_d_hidden or need_d_weight
-    loss = torch.zeros((), dtype=_loss_dtype(hidden.dtype), device=hidden.device)
-    d_hidden = torch.zeros_like(hidden) if need_d_hidden else hidden.new_empty(0)
-    d_weight_acc: Tensor | None = None
+    wide = _loss_dtype(hidden.dtype)
+    loss = torch.zeros((), dtype=wide, device=hidden.device)
+    d_hidden = torch.zeros(hidden.shape if need_d_hidden else 0, dtype=wide, device=hidden.device)
+    d_weight = torch.zeros(weight.shape if need_d_weight else 0, dtype=wide, device=weight.device)
+    fp32_out = _has_fp32_out_mm(hidden)
     step = _chunk_rows(rows.numel(), weight.shape[0], hidden.dtype, chunk_rows)
-    fp32_parts = rows.numel() > step and _has_fp32_out_mm(hidden)
     for start in range(0, rows.numel(), step):
         chunk = rows[start : start + step]
         h = hidden.index_select(0, chunk)
         logits = h @ weight.t()
         loss += ce_rows(logits, labels.index_select(0, chunk), ignore_index, need_grad).sum()
         if need_d_hidden:
-            d_hidden.index_copy_(0, chunk, logits @ weight)
+            d_hidden.index_copy_(0, chunk, _product(logits, weight, fp32_out))
         if need_d_weight:
-            # (V, C). Several chunks add up in fp32 so d_weight rounds once, like the single eager GEMM.
-            part = torch.ops.aten.mm.dtype(logits.t(), h, torch.float32) if fp32_parts else logits.t() @ h
-            d_weight_acc = part if d_weight_acc is None else _wide(d_weight_acc).add_(part)
-    if not need_d_weight:
-        d_weight = weight.new_empty(0)
-    elif d_weight_acc is None:
-        d_weight = torch.zeros_like(weight)
-    else:
-        d_weight = d_weight_acc.to(weight.dtype)
+            d_weight.add_(_product(logits.t(), h, fp32_out))  # (V, C), summed over chunks in fp32
     return loss, d_hidden, d_weight
+
+
+def _product(a: Tensor, b: Tensor, fp32_out: bool) -> Tensor:
+    """a @ b in at least fp32: written as fp32 by the GEMM where it can, else rounded to a's dtype and widened."""
+    return torch.ops.aten.mm.dtype(a, b, torch.float32) if fp32_out else _wide(a @ b)
 
 
 @linear_cross_entropy_fwd.register_fake
 def _(hidden, weight, labels, ignore_index, need_d_hidden, need_d_weight, chunk_rows, triton_rows):
-    loss = hidden.new_empty((), dtype=_loss_dtype(hidden.dtype))
-    # Contiguous like the real outputs, which are computed from contiguous copies of the inputs.
-    d_hidden = hidden.new_empty(hidden.shape) if need_d_hidden else hidden.new_empty(0)
-    d_weight = weight.new_empty(weight.shape) if need_d_weight else weight.new_empty(0)
+    wide = _loss_dtype(hidden.dtype)
+    loss = hidden.new_empty((), dtype=wide)
+    d_hidden = hidden.new_empty(hidden.shape if need_d_hidden else 0, dtype=wide)
+    d_weight = weight.new_empty(weight.shape if need_d_weight else 0, dtype=wide)
     return loss, d_hidden, d_weight
 
 
@@ -195,15 +196,16 @@ def _setup_context(ctx, inputs, output) -> None:
     _, d_hidden, d_weight = output
     ctx.save_for_backward(d_hidden, d_weight)
     ctx.need = inputs[4], inputs[5]
+    ctx.dtypes = inputs[0].dtype, inputs[1].dtype
     ctx.mark_non_differentiable(d_hidden, d_weight)
 
 
 def _backward(ctx, grad_loss: Tensor, *_):
     d_hidden, d_weight = ctx.saved_tensors
-    need_d_hidden, need_d_weight = ctx.need
-    # Scale in (at least) fp32: a bf16 copy of 1 / n_tokens would bias every gradient by up to 0.4%.
-    grad_hidden = (_wide(d_hidden) * grad_loss).to(d_hidden.dtype) if need_d_hidden else None
-    grad_weight = (_wide(d_weight) * grad_loss).to(d_weight.dtype) if need_d_weight else None
+    (need_d_hidden, need_d_weight), (hidden_dtype, weight_dtype) = ctx.need, ctx.dtypes
+    # Scaled in fp32 (a bf16 copy of 1 / n_tokens would bias every gradient by up to 0.4%), then rounded once.
+    grad_hidden = (d_hidden * grad_loss).to(hidden_dtype) if need_d_hidden else None
+    grad_weight = (d_weight * grad_loss).to(weight_dtype) if need_d_weight else None
     return grad_hidden, grad_weight, None, None, None, None, None, None
 
 

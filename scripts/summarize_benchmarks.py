@@ -8,7 +8,8 @@ in several files is listed once (the first file that holds it wins).
 
 The "vs baseline" column: on a fast-path entry, its recorded `ratio` against its primary baseline, timed in the
 same test; on a baseline entry, how many times faster the fast-path entry of the same group was (both medians
-from the same run). Keys are those of benchmarks/_common.py.
+from the same run); on a fast-path entry without a same-run baseline, its tokens/s over the recorded
+reference_throughput.md anchor. Keys are those of benchmarks/_common.py.
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ def _versus(entry: Entry, fast_by_group: dict[str, Entry]) -> str:
     extra = entry.extra
     if extra.get("role") == "fast" and isinstance(extra.get("ratio"), int | float):
         return f"{extra['ratio']:.2f}x vs {extra.get('baseline', 'baseline')}"
+    anchor, tokens = extra.get("anchor_tokens_per_s"), extra.get("tokens_per_s")
+    if extra.get("role") == "fast" and isinstance(anchor, int | float) and isinstance(tokens, int | float):
+        return f"{tokens / anchor:.2f}x the anchor"  # no same-run baseline: reference_throughput.md's figure
     fast = fast_by_group.get(entry.group)
     if extra.get("role") == "baseline" and fast is not None and fast.median_s > 0:
         return f"{fast.extra.get('provider', 'fast')} {entry.median_s / fast.median_s:.2f}x faster"

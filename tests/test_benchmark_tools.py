@@ -123,7 +123,7 @@ def test_benchmark_log_keeps_each_finished_benchmark(tmp_path: Path) -> None:
 def test_a_run_cut_short_still_writes_the_finished_benchmarks_json(tmp_path: Path) -> None:
     """gpu_check stops a stage with SIGINT at its time limit. The benchmark it interrupts has no rounds, and
     pytest-benchmark's JSON writer fails on such an entry, which would lose the whole stage's JSON."""
-    output = tmp_path / "stage.json"
+    output, log = tmp_path / "stage.json", tmp_path / "results.jsonl"
     done = _run_bench_file(
         tmp_path,
         "def test_finished(benchmark):\n"
@@ -135,11 +135,13 @@ def test_a_run_cut_short_still_writes_the_finished_benchmarks_json(tmp_path: Pat
         "def test_interrupted(benchmark):\n"
         "    benchmark.pedantic(interrupted, rounds=2)\n",
         f"--benchmark-json={output}",
+        env={"DUALTOWER_BENCH_LOG": str(log)},  # the per-benchmark log must not ask the empty one for its median
     )
     assert done.returncode == 2, done.stdout + done.stderr  # pytest's "interrupted"
-    assert "min() iterable argument is empty" not in done.stdout + done.stderr
+    assert "Error" not in done.stdout + done.stderr  # min() / median() of no timings
     names = [bench["name"] for bench in json.loads(output.read_text())["benchmarks"]]
     assert names == ["test_finished"]
+    assert [json.loads(line)["name"] for line in log.read_text().splitlines()] == ["test_finished"]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash")
@@ -148,9 +150,13 @@ def test_gpu_check_plan_and_refusal_without_cuda(tmp_path: Path) -> None:
     plan = subprocess.run(["bash", script, "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert plan.returncode == 0, plan.stderr
     stages = [line.split()[0] for line in plan.stdout.splitlines()]
-    assert stages == ["install", "gpu_tests", "train", "decode", "kernels", "other_benchmarks", "profile_360m",
-                      "compiled"]
+    assert stages == ["install", "gpu_tests", "train", "train_compiled", "decode", "kernels", "other_benchmarks",
+                      "profile_360m", "compiled"]
     assert "--no-deps" in plan.stdout and "-m gpu" in plan.stdout
+    chosen = {**os.environ, "GPU_CHECK_STAGES": "train_compiled,kernels"}
+    subset = subprocess.run(["bash", script, "--dry-run"], cwd=ROOT, env=chosen, capture_output=True, text=True,
+                            timeout=60)
+    assert [line.split()[0] for line in subset.stdout.splitlines()] == ["install", "train_compiled", "kernels"]
     if torch.cuda.is_available():
         return
     out = tmp_path / "out"

@@ -62,54 +62,44 @@ def fused():
     return csrc_sampler.fused_sample
 
 
-def crafted(probs: list[float], rows: int) -> torch.Tensor:
-    """Rows of a full-size vocabulary: the given probabilities first, a negligible tail after."""
-    logits = torch.full((VOCAB,), -40.0)
+def crafted(probs: list[float], rows: int, device: str = "cuda") -> torch.Tensor:
+    """Rows of a full-size vocabulary: the given probabilities first, a tail negligible at every tested temperature
+    (at -40 and temperature 4, the 49k tail tokens would hold most of the mass)."""
+    logits = torch.full((VOCAB,), -1.0e4)
     logits[: len(probs)] = torch.tensor([math.log(p) for p in probs])
-    return logits.repeat(rows, 1).cuda()
+    return logits.repeat(rows, 1).to(device)
 
 
-@pytest.mark.gpu
-def test_greedy_equals_argmax_exactly(fused) -> None:
-    logits = torch.randn(64, VOCAB, device="cuda")
-    ties = (torch.randn(64, VOCAB, device="cuda") * 3).round()  # many equal maxima: the first index wins
-    for scores in (logits, ties):
-        assert torch.equal(fused(scores, SamplingConfig(do_sample=False)), scores.argmax(-1))
-    one = SamplingConfig(do_sample=True, temperature=0.7, top_k=1, top_p=1.0)
-    assert torch.equal(fused(logits, one, make_generator(0, logits.device)), logits.argmax(-1))
+# (probabilities, sampling settings, the support both samplers must keep)
+CRAFTED = [
+    pytest.param([0.5, 0.3, 0.15, 0.05], {"top_k": 2, "top_p": 1.0, "temperature": 1.0}, {0, 1}, id="top_k"),
+    pytest.param([0.5, 0.3, 0.15, 0.05], {"top_k": 0, "top_p": 0.6, "temperature": 1.0}, {0, 1}, id="crossing"),
+    pytest.param([0.5, 0.3, 0.15, 0.05], {"top_k": 0, "top_p": 0.81, "temperature": 1.0}, {0, 1, 2}, id="top_p"),
+    # temperature before filtering: sharper keeps fewer, flatter keeps more
+    pytest.param([0.5, 0.3, 0.15, 0.05], {"top_k": 0, "top_p": 0.7, "temperature": 0.25}, {0}, id="cold"),
+    pytest.param([0.5, 0.3, 0.15, 0.05], {"top_k": 0, "top_p": 0.7, "temperature": 4.0}, {0, 1, 2}, id="hot"),
+    # top-p over the renormalized top-k
+    pytest.param([0.5, 0.3, 0.15, 0.05], {"top_k": 2, "top_p": 0.55, "temperature": 1.0}, {0}, id="top_k_then_p"),
+    # mass strictly above each of the tied 0.2 tokens is 0.4: all kept at p = 0.5, none at 0.35
+    pytest.param([0.4, 0.2, 0.2, 0.2], {"top_k": 0, "top_p": 0.5, "temperature": 1.0}, {0, 1, 2, 3}, id="ties_kept"),
+    pytest.param([0.4, 0.2, 0.2, 0.2], {"top_k": 0, "top_p": 0.35, "temperature": 1.0}, {0}, id="ties_dropped"),
+]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    ("config", "expected"),
-    [
-        ({"top_k": 2, "top_p": 1.0, "temperature": 1.0}, {0, 1}),
-        ({"top_k": 0, "top_p": 0.6, "temperature": 1.0}, {0, 1}),  # keeps the token that crosses p
-        ({"top_k": 0, "top_p": 0.81, "temperature": 1.0}, {0, 1, 2}),
-        ({"top_k": 0, "top_p": 0.7, "temperature": 0.25}, {0}),  # temperature before filtering
-        ({"top_k": 0, "top_p": 0.7, "temperature": 4.0}, {0, 1, 2}),
-        ({"top_k": 2, "top_p": 0.55, "temperature": 1.0}, {0}),  # top-p over the renormalized top-k
-    ],
-)
-def test_support_on_crafted_logits(fused, config: dict, expected: set[int]) -> None:
-    logits = crafted([0.5, 0.3, 0.15, 0.05], rows=8192)
+@pytest.mark.parametrize(("probs", "config", "expected"), CRAFTED)
+def test_crafted_supports_hold_for_the_pytorch_sampler(probs: list[float], config: dict, expected: set[int]) -> None:
+    """The expectations themselves, on the CPU: the fused test below holds the kernel to them."""
     settings = SamplingConfig(do_sample=True, **config)
-    reference = set(torch.nonzero(sampling_probs(logits[:1], settings)[0] > 1e-6).flatten().tolist())
-    assert reference == expected
-    drawn = set(fused(logits, settings, make_generator(0, logits.device)).unique().tolist())
-    assert drawn == expected
+    kept = sampling_probs(crafted(probs, rows=1, device="cpu"), settings)[0] > 1e-6
+    assert set(torch.nonzero(kept).flatten().tolist()) == expected
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("top_p", "expected"), [(0.5, {0, 1, 2, 3}), (0.35, {0})])
-def test_tokens_tied_at_the_top_p_boundary_are_kept_together(fused, top_p: float, expected: set[int]) -> None:
-    # Mass strictly above each of the tied 0.2 tokens is 0.4: all kept at p = 0.5 (by both samplers), none at 0.35.
-    logits = crafted([0.4, 0.2, 0.2, 0.2], rows=8192)
-    settings = SamplingConfig(do_sample=True, temperature=1.0, top_k=0, top_p=top_p)
-    reference = set(torch.nonzero(sampling_probs(logits[:1], settings)[0] > 1e-6).flatten().tolist())
-    assert reference == expected
-    drawn = set(fused(logits, settings, make_generator(0, logits.device)).unique().tolist())
-    assert drawn == expected
+@pytest.mark.parametrize(("probs", "config", "expected"), CRAFTED)
+def test_support_on_crafted_logits(fused, probs: list[float], config: dict, expected: set[int]) -> None:
+    logits = crafted(probs, rows=8192)
+    drawn = fused(logits, SamplingConfig(do_sample=True, **config), make_generator(0, logits.device))
+    assert set(drawn.unique().tolist()) == expected
 
 
 @pytest.mark.gpu
