@@ -16,7 +16,8 @@ are checked against the reference, and are then skipped: interpreter timings say
 
 Targets (H100): prefix attention fwd+bwd >= 1.2x varlen_attn (its K/V concatenation included); projector
 >= 1.5x eager and >= 85% of a cuBLAS GEMM of the same size; linear CE <= 25% of eager peak memory at <= 5%
-more time; decode >= 2x the eager reference at batch 1 with a 2k cache.
+more time; decode >= 2x SDPA (the reference: SDPA with enable_gqa over a boolean mask) at batch 1 with a 2k
+cache, each timed per call inside CUDA graphs (DECODE_GRAPH_CALLS), as the captured decode step runs them.
 """
 
 from __future__ import annotations
@@ -26,21 +27,21 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from _common import (
-    CUDA,
-    DEVICE,
-    WRONG_RESULT,
-    device_name,
-    extra_peak_gib,
-    median_ms,
-    median_s,
-    relative_error,
-    synced,
+from _common import CUDA, DEVICE, WRONG_RESULT, extra_peak_gib, median_s, relative_error, repeated_calls, synced
+from _kernel_timing import (
+    COMPILED,
+    DTYPE,
+    TRITON_AVAILABLE,
+    Providers,
+    forward_only,
+    measure,
+    skip_compiled_on_cpu,
+    with_backward,
 )
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.functional import scaled_dot_product_attention
 
 from dualtower import ops
-from dualtower.training import peak_flops
 from dualtower_kernels.decode_attention import decode_attention_reference
 from dualtower_kernels.linear_cross_entropy import linear_cross_entropy_reference
 from dualtower_kernels.prefix_attention import concat_prefix_text
@@ -49,117 +50,6 @@ from dualtower_kernels.projector import pixel_shuffle, pixel_shuffle_project_ref
 from dualtower_kernels.testing import PackedAttention, packed_attention, random_packing
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
-
-DTYPE = torch.bfloat16 if CUDA else torch.float32
-ROUNDS, WARMUP = (20, 3) if CUDA else (3, 1)
-TRITON_AVAILABLE = ops.is_available("triton", DEVICE)  # CUDA, or the interpreter on CPU
-COMPILED = pytest.mark.compiled
-_baseline_ms: dict[tuple, float] = {}
-_baseline_peak: dict[tuple, float | None] = {}
-
-Providers = dict[str, Callable[[], object]]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Measuring
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _smoke_check(providers: Providers) -> None:
-    """CPU: run the Triton kernel once through the interpreter, compare with the reference, then skip."""
-    actual, expected = providers["triton"](), providers["reference"]()
-    torch.testing.assert_close(actual, expected, atol=2e-4, rtol=2e-3)
-    pytest.skip("triton ran once under TRITON_INTERPRET and matched the reference; interpreter timings are not "
-                "speed figures (timed on CUDA only)")
-
-
-_errors: dict[tuple, float] = {}
-
-
-def _check_result(key: tuple, providers: Providers, fast: str) -> float:
-    """CUDA: the timed kernel against the reference, once per case. Autotuning picks its config at this shape,
-    and that config is the one timed; the tests check the configs they run, at their own shapes."""
-    if key not in _errors:
-        _errors[key] = relative_error(providers[fast](), providers["reference"]())
-    assert _errors[key] < WRONG_RESULT, f"{fast} differs from the reference: relative error {_errors[key]:.3g}"
-    return _errors[key]
-
-
-def _measure(benchmark, key: tuple, providers: Providers, provider: str, baselines: list[str],
-             flops: float = 0.0, bytes_moved: float = 0.0, fast: str = "triton") -> None:
-    """Time `provider`; on the `fast` entry also time each available baseline once per key and record ratios."""
-    if provider not in providers:
-        pytest.skip(f"{provider} is not available on {DEVICE.type}")
-    if provider == "triton" and not CUDA:
-        _smoke_check(providers)
-    error = _check_result(key, providers, fast) if provider == fast and CUDA else None
-    run = synced(providers[provider])
-    if provider != fast:  # a library baseline may lack a case here (e.g. a backward): say so, not fail
-        _try_baseline(provider, run)
-    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
-    seconds = median_s(benchmark)
-    if seconds is None:  # --benchmark-disable: the call ran once, nothing to report
-        return
-    ms = seconds * 1e3
-    info = benchmark.extra_info
-    info.update(device=device_name(), provider=provider, role="fast" if provider == fast else "baseline", ms=ms,
-                peak_mem_gib=extra_peak_gib(run))
-    if error is not None:
-        info["rel_err_vs_reference"] = error
-    if flops:
-        info["tflops"] = flops / ms / 1e9
-        peak = peak_flops(DEVICE)
-        info["mfu"] = flops / seconds / peak if peak else None
-    if bytes_moved:
-        info["gb_s"] = bytes_moved / ms / 1e6
-    if provider != fast:
-        return
-    for name in (b for b in baselines if b in providers):
-        if (*key, name) not in _baseline_ms:
-            try:
-                _baseline_ms[(*key, name)] = median_ms(providers[name], ROUNDS, WARMUP)
-            except BASELINE_ERRORS as error:
-                info[f"error_vs_{name}"] = _first_line(error)
-                continue
-            _baseline_peak[(*key, name)] = extra_peak_gib(synced(providers[name]))
-        info.setdefault("baseline", name)  # the first available baseline is the primary one
-        info.setdefault("ratio", _baseline_ms[(*key, name)] / ms)
-        info[f"ratio_vs_{name}"] = _baseline_ms[(*key, name)] / ms
-        peak = _baseline_peak[(*key, name)]
-        if peak and info["peak_mem_gib"] is not None:
-            info[f"mem_ratio_vs_{name}"] = info["peak_mem_gib"] / peak
-
-
-BASELINE_ERRORS = (RuntimeError, NotImplementedError, TypeError, ValueError)
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-
-
-def _try_baseline(provider: str, run: Callable[[], None]) -> None:
-    try:
-        run()
-    except BASELINE_ERRORS as error:
-        pytest.skip(f"{provider} cannot run this case here: {_first_line(error)}")
-
-
-def _skip_compiled_on_cpu(provider: str) -> None:
-    if provider in ("compiled_reference", "flex_attention") and not CUDA:
-        pytest.skip("compiling on a 2-core CPU costs more than the benchmark")
-
-
-def _with_backward(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Callable[[], object]:
-    def run() -> tuple[torch.Tensor, ...]:
-        out = forward()
-        return torch.autograd.grad(out, leaves, torch.ones_like(out))
-
-    return run
-
-
-def _forward_only(providers: Providers) -> Providers:
-    return {name: (lambda fn=fn: torch.no_grad()(fn)()) for name, fn in providers.items()}
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Prefix attention (right tower) and the left tower's causal pass
@@ -255,19 +145,19 @@ def _attention_providers(case: str, provider: str) -> Providers:
     "provider", ["triton", "varlen_attn", "flash", pytest.param("flex_attention", marks=COMPILED), "reference"]
 )
 def test_prefix_attention(benchmark, provider: str, case: str, mode: str) -> None:
-    _skip_compiled_on_cpu(provider)
+    skip_compiled_on_cpu(provider)
     batch = _attention_batch(case)
     providers = _attention_providers(case, provider)
     if mode == "fwd_bwd":
         # The left tower's empty prefix K/V are not inputs of every provider (the libraries skip the merge).
         leaves = [leaf for leaf in batch.leaves if leaf.numel()]
-        providers = {name: _with_backward(fn, leaves) for name, fn in providers.items()}
+        providers = {name: with_backward(fn, leaves) for name, fn in providers.items()}
         flops = 3.5 * batch.flops  # backward = 2.5 x forward, as FlashAttention counts it
     else:
-        providers = _forward_only(providers)
+        providers = forward_only(providers)
         flops = batch.flops
     benchmark.group = f"prefix_attention {case} {mode}"
-    _measure(benchmark, ("attn", case, mode), providers, provider, ["varlen_attn", "flash", "reference"], flops)
+    measure(benchmark, ("attn", case, mode), providers, provider, ["varlen_attn", "flash", "reference"], flops)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -283,7 +173,7 @@ PROJECTOR_CASES = {"135m": 576, "360m": 960}
     "provider", ["triton", "reference", pytest.param("compiled_reference", marks=COMPILED), "cublas_gemm"]
 )
 def test_projector(benchmark, provider: str, case: str, mode: str) -> None:
-    _skip_compiled_on_cpu(provider)
+    skip_compiled_on_cpu(provider)
     tiles, side, width, factor, out_width = (256, 32, 768, 4, PROJECTOR_CASES[case]) if CUDA else (2, 4, 16, 2, 24)
     x = torch.randn(tiles, side * side, width, device=DEVICE, dtype=DTYPE, requires_grad=True)
     weight = (torch.randn(out_width, width * factor**2, device=DEVICE) * 0.01).to(DTYPE).requires_grad_()
@@ -301,12 +191,12 @@ def test_projector(benchmark, provider: str, case: str, mode: str) -> None:
     if mode == "fwd_bwd":
         gemms = 3
         leaves = {"cublas_gemm": [shuffled, weight]}
-        providers = {n: _with_backward(fn, leaves.get(n, [x, weight])) for n, fn in providers.items()}
+        providers = {n: with_backward(fn, leaves.get(n, [x, weight])) for n, fn in providers.items()}
     else:
-        providers = _forward_only(providers)
+        providers = forward_only(providers)
     flops = 2.0 * gemms * shuffled.shape[0] * shuffled.shape[1] * out_width
     benchmark.group = f"projector {case} {mode}"
-    _measure(benchmark, ("proj", case, mode), providers, provider, ["reference", "cublas_gemm"], flops=flops)
+    measure(benchmark, ("proj", case, mode), providers, provider, ["reference", "cublas_gemm"], flops=flops)
 
 
 LCE_CASES = {"135m": 576, "360m": 960}
@@ -316,7 +206,7 @@ LCE_CASES = {"135m": 576, "360m": 960}
 @pytest.mark.parametrize("provider", ["triton", "reference", pytest.param("compiled_reference", marks=COMPILED)])
 def test_linear_cross_entropy(benchmark, provider: str, case: str) -> None:
     """Forward + backward (the training use). Half the tokens are supervised."""
-    _skip_compiled_on_cpu(provider)
+    skip_compiled_on_cpu(provider)
     tokens, width, vocab = (16384, LCE_CASES[case], 49218) if CUDA else (24, 16, 100)
     hidden = torch.randn(tokens, width, device=DEVICE, dtype=DTYPE, requires_grad=True)
     weight = (torch.randn(vocab, width, device=DEVICE) / width**0.5).to(DTYPE).requires_grad_()
@@ -329,10 +219,10 @@ def test_linear_cross_entropy(benchmark, provider: str, case: str) -> None:
     if provider == "compiled_reference":
         compiled = torch.compile(linear_cross_entropy_reference)
         providers["compiled_reference"] = lambda: compiled(hidden, weight, labels)
-    providers = {name: _with_backward(fn, [hidden, weight]) for name, fn in providers.items()}
+    providers = {name: with_backward(fn, [hidden, weight]) for name, fn in providers.items()}
     flops = 3 * 2.0 * tokens * width * vocab  # logits, d_hidden, d_weight (the eager baseline's work)
     benchmark.group = f"linear_cross_entropy {case} fwd_bwd"
-    _measure(benchmark, ("lce", case), providers, provider, ["reference"], flops=flops)
+    measure(benchmark, ("lce", case), providers, provider, ["reference"], flops=flops)
 
 
 @pytest.mark.parametrize("provider", ["chunked", "reference"])
@@ -349,31 +239,107 @@ def test_linear_cross_entropy_chunked(benchmark, provider: str) -> None:
         "chunked": lambda: chunked(hidden, weight, labels),
         "reference": lambda: linear_cross_entropy_reference(hidden, weight, labels),
     }
-    providers = {name: _with_backward(fn, [hidden, weight]) for name, fn in providers.items()}
+    providers = {name: with_backward(fn, [hidden, weight]) for name, fn in providers.items()}
     benchmark.group = "linear_cross_entropy debug-head fwd_bwd"
-    _measure(benchmark, ("lce_chunked",), providers, provider, ["reference"], fast="chunked")
+    measure(benchmark, ("lce_chunked",), providers, provider, ["reference"], fast="chunked")
 
 
 DECODE_ROWS = [1, 8, 64] if CUDA else [1, 4]
+# CUDA: one timed round replays a CUDA graph of this many calls and the figures are per call. The product runs
+# decode attention inside the captured decode step, where the ~0.1 ms host and launch cost of an eager call is
+# gone; timing eager calls would compare only that. The graph's own launch and the round's synchronize add a
+# few microseconds per round, a few tenths of one per call.
+DECODE_GRAPH_CALLS = 32
+DECODE_BASELINES = ["reference", "sdpa_grouped"]
+
+
+def _sdpa_grouped_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """SDPA without its GQA path: the G query heads of one K/V head become G query positions (B, Hkv, G, D) over
+    their shared cache, so no K/V head is repeated and a fused backend that takes a mask may run it."""
+    rows, q_heads, head_dim = q.shape
+    kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+    visible = torch.arange(capacity, device=q.device)[None, :] < lengths[:, None]  # (B, S)
+    grouped = q.reshape(rows, kv_heads, q_heads // kv_heads, head_dim)
+    out = scaled_dot_product_attention(grouped, k_cache, v_cache, attn_mask=visible[:, None, None, :])
+    return out.reshape(rows, q_heads, head_dim)
+
+
+def _decode_graphed(providers: Providers, provider: str) -> tuple[Providers, dict[str, str]]:
+    """CUDA: what this entry times (the fast entry: also its reference and baselines) as DECODE_GRAPH_CALLS calls
+    per call, and how each runs them (`repeated_calls`: a graph replay, or an eager loop where capture fails)."""
+    needed = {provider, *DECODE_BASELINES} if provider == "triton" else {provider}
+    timed, how = {}, {}
+    for name in sorted(needed & providers.keys()):
+        timed[name], how[name] = repeated_calls(providers[name], DECODE_GRAPH_CALLS)
+    return timed, how
+
+
+def _report_per_call(benchmark, providers: Providers, provider: str, how: dict[str, str]) -> None:
+    """`measure` timed rounds of DECODE_GRAPH_CALLS calls; its ratios compare equal rounds and stand. Make its
+    statistics and `ms` per call (as pytest-benchmark's `iterations` would), record how each side was timed, and
+    take peak memory from one eager call (a replay allocates nothing: its memory is the graph's pool)."""
+    calls, info, metadata = DECODE_GRAPH_CALLS, benchmark.extra_info, benchmark.stats
+    per_call = type(metadata.stats)()
+    for seconds in metadata.stats.data:
+        per_call.update(seconds / calls)
+    metadata.stats, metadata.iterations = per_call, calls
+    info["ms"] /= calls
+    info["calls_per_replay"] = calls
+    info["peak_mem_gib"] = extra_peak_gib(synced(providers[provider]))
+    for name, mode in how.items():
+        suffix = "" if name == provider else f"_{name}"
+        if suffix and f"ratio_vs_{name}" not in info:
+            continue  # a baseline measure could not run
+        timing, _, why = mode.partition(": ")
+        info[f"timing{suffix}"] = timing
+        if why:
+            info[f"graph_capture_error{suffix}"] = why
+        if suffix:  # measure's memory ratio compared replays
+            info.pop(f"mem_ratio_vs_{name}", None)
+            if base_peak := extra_peak_gib(synced(providers[name])):
+                info[f"mem_ratio_vs_{name}"] = info["peak_mem_gib"] / base_peak
 
 
 @pytest.mark.parametrize("rows", DECODE_ROWS)
-@pytest.mark.parametrize("provider", ["triton", "reference", pytest.param("compiled_reference", marks=COMPILED)])
+@pytest.mark.parametrize(
+    "provider", ["triton", "reference", "sdpa_grouped", pytest.param("compiled_reference", marks=COMPILED)]
+)
 def test_decode_attention(benchmark, provider: str, rows: int) -> None:
-    """One decode step of SmolLM2-135M attention over a 2k static cache, rows filled to random lengths."""
-    _skip_compiled_on_cpu(provider)
+    """One decode step of SmolLM2-135M attention over a 2k static cache, rows filled to random lengths; on CUDA
+    timed inside CUDA graphs (DECODE_GRAPH_CALLS). `reference` is SDPA with enable_gqa over a boolean mask."""
+    skip_compiled_on_cpu(provider)
     q_heads, kv_heads, capacity, head_dim = (9, 3, 2048, 64) if CUDA else (3, 1, 40, 16)
     q = torch.randn(rows, q_heads, head_dim, device=DEVICE, dtype=DTYPE)
     k_cache, v_cache = (torch.randn(rows, kv_heads, capacity, head_dim, device=DEVICE, dtype=DTYPE) for _ in "kv")
     lengths = torch.randint(capacity // 2, capacity + 1, (rows,), device=DEVICE)
     lengths[0] = capacity
-    providers: Providers = {"reference": lambda: decode_attention_reference(q, k_cache, v_cache, lengths)}
+    args = (q, k_cache, v_cache, lengths)
+    providers: Providers = {
+        "reference": lambda: decode_attention_reference(*args),
+        "sdpa_grouped": lambda: _sdpa_grouped_decode(*args),
+    }
     if TRITON_AVAILABLE:
         impl = ops.implementation("decode_attention", "triton")
-        providers["triton"] = lambda: impl(q, k_cache, v_cache, lengths)
+        providers["triton"] = lambda: impl(*args)
     if provider == "compiled_reference":
         compiled = torch.compile(decode_attention_reference)
-        providers["compiled_reference"] = lambda: compiled(q, k_cache, v_cache, lengths)
+        providers["compiled_reference"] = lambda: compiled(*args)
+    error = None
+    if provider not in ("triton", "reference") and provider in providers:  # the fast one: measure checks it
+        error = relative_error(providers[provider](), providers["reference"]())
+        assert error < WRONG_RESULT, f"{provider} differs from the reference: relative error {error:.3g}"
+    timed, how = _decode_graphed(providers, provider) if CUDA else (providers, {})
+    calls = DECODE_GRAPH_CALLS if CUDA else 1
     bytes_moved = 2.0 * lengths.sum().item() * kv_heads * head_dim * k_cache.element_size()
     benchmark.group = f"decode_attention rows={rows}"
-    _measure(benchmark, ("decode", rows), providers, provider, ["reference"], bytes_moved=bytes_moved)
+    measure(benchmark, ("decode", rows), timed, provider, DECODE_BASELINES, bytes_moved=calls * bytes_moved)
+    if median_s(benchmark) is None:
+        return
+    if error is not None:
+        benchmark.extra_info["rel_err_vs_reference"] = error
+    if CUDA:
+        _report_per_call(benchmark, providers, provider, how)
+    else:
+        benchmark.extra_info["timing"] = "eager"

@@ -132,8 +132,9 @@ def decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Te
     kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
     if q_heads % kv_heads or k_cache.shape != v_cache.shape:
         raise ValueError(f"bad decode shapes: q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
+    # The kernels take any strides but the head dim's: copy only a tensor whose head dim is strided, never a
+    # cache merely because it is a view (a copy of the whole cache would cost more than the attention).
+    q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
     out = q.new_empty(q.shape)  # contiguous, as the fake says, whatever q's layout
     if rows == 0 or capacity == 0:
         return out.zero_()

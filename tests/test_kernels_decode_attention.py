@@ -1,6 +1,10 @@
-"""Split-K decode attention kernel vs its pure-PyTorch twin (SDPA over the masked static cache)."""
+"""Split-K decode attention kernel vs its pure-PyTorch twin (SDPA over the masked static cache); its capture in a
+CUDA graph, and the benchmarks' graph timing helper."""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,3 +86,84 @@ def test_queries_and_caches_whose_head_dim_is_not_contiguous() -> None:
     lengths = torch.tensor([21, 9])
     ours = decode_attention(q, k_cache, v_cache, lengths)
     assert_close(ours, decode_attention_reference(q, k_cache, v_cache, lengths), atol=1e-5, rtol=1e-5, name="out")
+
+
+def test_only_a_tensor_whose_head_dim_is_strided_is_copied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache that is a view (a slice of a bigger one) is read in place even when q must be copied: a copy of
+    the whole cache on every decode step would cost more than the attention itself."""
+    copied = []
+
+    def spy(t: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = torch._C.TensorBase.contiguous(t, *args, **kwargs)
+        if out.data_ptr() != t.data_ptr():
+            copied.append(tuple(t.shape))
+        return out
+
+    q = torch.randn(2, 16, 4).transpose(1, 2)  # (B, Hq, D) with a strided head dim: must be copied
+    big_k, v_cache = _cache(2, 2, 40, 16)
+    k_cache = big_k[:, :, :21]  # a view, head dim contiguous
+    lengths = torch.tensor([21, 9])
+    monkeypatch.setattr(torch.Tensor, "contiguous", spy)
+    ours = decode_attention(q, k_cache, v_cache[:, :, :21], lengths)
+    monkeypatch.undo()
+    assert copied == [(2, 4, 16)]
+    expected = decode_attention_reference(q, k_cache, v_cache[:, :, :21], lengths)
+    assert_close(ours, expected, atol=1e-5, rtol=1e-5, name="out")
+
+
+@pytest.mark.gpu
+def test_gpu_captured_in_a_cuda_graph_follows_new_queries_and_lengths() -> None:
+    """The decode step is captured once and replayed with new tokens: no host sync may happen in the op (capture
+    would fail) and no launch setting may depend on the lengths (a replay would reuse the captured one)."""
+    q = torch.randn(2, 9, 64, device="cuda", dtype=torch.bfloat16)
+    k_cache, v_cache = _cache(2, 3, 2048, 64, device="cuda", dtype=torch.bfloat16)
+    lengths = torch.tensor([2048, 5], device="cuda")
+    side = torch.cuda.Stream()  # warm-up (compiles the kernels) off the default stream, as capture requires
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        decode_attention(q, k_cache, v_cache, lengths)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, k_cache, v_cache, lengths)
+    q.copy_(torch.randn_like(q))
+    lengths.copy_(torch.tensor([1, 1500]))
+    graph.replay()
+    expected = decode_attention(q, k_cache, v_cache, lengths)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    reference = decode_attention_reference(*[t.double() for t in (q, k_cache, v_cache)], lengths)
+    torch.testing.assert_close(out.double(), reference, atol=2e-2, rtol=2e-2)
+
+
+def _bench_common():
+    """benchmarks/_common.py (benchmarks/ is no package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_common.py"
+    spec = importlib.util.spec_from_file_location("bench_common_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the calls are captured (the gpu test below)")
+def test_repeated_calls_without_cuda_are_an_eager_loop_that_says_why() -> None:
+    """bench_kernels times decode per call over rounds of repeated calls; without a graph each round must still
+    make exactly `calls` calls, or the per-call figures and the ratios would be wrong."""
+    outputs = iter(range(100))
+    run, how = _bench_common().repeated_calls(lambda: next(outputs), calls=5)
+    assert how.startswith("eager: ") and "CUDA" in how
+    assert run() == 4 and run() == 9
+
+
+@pytest.mark.gpu
+def test_gpu_repeated_calls_replay_one_graph_and_fall_back_on_a_host_sync() -> None:
+    repeated_calls = _bench_common().repeated_calls
+    x = torch.ones(4, device="cuda")
+    acc = torch.zeros(4, device="cuda")
+    run, how = repeated_calls(lambda: acc.add_(x), calls=3, warmup=1)
+    assert how == "cuda_graph"
+    acc.zero_()
+    x.fill_(2.0)  # a static input, read by the replay
+    run()
+    torch.testing.assert_close(acc, torch.full_like(acc, 6.0))
+    run, how = repeated_calls(lambda: x.sum().item(), calls=3)
+    assert how.startswith("eager: ") and run() == 8.0
