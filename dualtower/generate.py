@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
     parser.add_argument("--batch_size", type=int, default=16, help="requests generated together (not with --stream)")
     parser.add_argument("--sampler", choices=("torch", "csrc"), default="torch", help="csrc: fused CUDA sampler")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (slower start)")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the decode step and the prefill's blocks (slower start)"
+    )
     parser.add_argument("--no_cuda_graph", action="store_true", help="do not capture the decode step on CUDA")
     parser.add_argument(
         "--stream", action="store_true",
@@ -269,6 +271,7 @@ def run(args: argparse.Namespace) -> None:
         model,
         tokenizer,
         compile=args.compile,
+        compile_prefill=args.compile,
         cuda_graph=device.type == "cuda" and not args.no_cuda_graph,
         sampler=args.sampler,
         sync_every=1 if args.stream else None,

@@ -8,9 +8,12 @@ import dataclasses
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from dualtower.batch import IGNORE_INDEX
 from dualtower.generation import Generator, PrefixCache, PreparedPrompt, SamplingConfig
+from dualtower.generation import engine as engine_module
+from dualtower.generation.engine import compile_prefill_blocks
 from dualtower.generation.left_batch import left_tower_batch
 from dualtower.model import DualTowerVLM
 
@@ -241,6 +244,38 @@ def test_the_compiled_block_matches_eager_on_cpu(model, prompts) -> None:
         torch.testing.assert_close(fast.logits, slow.logits, atol=1e-4, rtol=0)
 
 
+def test_compiled_prefill_blocks_match_eager_on_cpu(model, prompts) -> None:
+    """compile_prefill compiles each tower's blocks in place: one graph per tower for every layer and every
+    prompt length (dynamic shapes), the same logits. aot_eager: the wiring, without inductor's CPU compile."""
+    compiled_model, counter = copy.deepcopy(model), CompileCounterWithBackend("aot_eager")
+    compile_prefill_blocks(compiled_model, backend=counter)
+    engine = Generator(compiled_model, eos_token_ids=(), compile=False)
+    eager = Generator(model, eos_token_ids=(), compile=False)
+    graphs = []
+    for batch in (prompts[:2], prompts[2:]):
+        fast = engine.generate_prepared(batch, greedy(3), return_logits=True)
+        slow = eager.generate_prepared(batch, greedy(3), return_logits=True)
+        for ours, theirs in zip(fast, slow, strict=True):
+            assert ours.token_ids == theirs.token_ids
+            torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+        graphs.append(counter.frame_count)
+    # A graph each for the vision, left LM and right LM blocks (torch 2.13 compiles the vision block twice:
+    # its float LayerNorm eps is a graph input the first time); other tile counts and lengths add none.
+    assert 3 <= graphs[0] <= 4 and graphs[1] == graphs[0]
+    compiled = [block._compiled_call_impl for block in compiled_model.text_decoder.blocks]
+    compile_prefill_blocks(compiled_model)  # compiled already (by training, say): kept as it is
+    assert [block._compiled_call_impl for block in compiled_model.text_decoder.blocks] == compiled
+
+
+def test_the_compile_prefill_option_compiles_the_callers_model(model, monkeypatch) -> None:
+    compiled = []
+    monkeypatch.setattr(engine_module, "compile_prefill_blocks", compiled.append)
+    Generator(model, compile=False)
+    assert compiled == []  # off by default: it changes the caller's model
+    Generator(model, compile=False, compile_prefill=True)
+    assert compiled == [model]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("compile_block", [True, False])
 def test_cuda_graph_decode_matches_eager_and_teacher_forcing(model, prompts, compile_block: bool) -> None:
@@ -248,7 +283,10 @@ def test_cuda_graph_decode_matches_eager_and_teacher_forcing(model, prompts, com
     three = prompts[:3]  # 3 requests: graphs pad them to a 4-row bucket
     eager = Generator(cuda_model, eos_token_ids=(), compile=False, cuda_graph=False)
     reference = eager.generate_prepared(three, greedy(6), return_logits=True)
-    engine = Generator(cuda_model, eos_token_ids=(), compile=compile_block, cuda_graph=True, sync_every=4)
+    # compile_block also compiles the prefill, in place: on a copy, so that the references stay eager.
+    engine_model = copy.deepcopy(cuda_model) if compile_block else cuda_model
+    engine = Generator(engine_model, eos_token_ids=(), compile=compile_block, compile_prefill=compile_block,
+                       cuda_graph=True, sync_every=4)
     graphed = engine.generate_prepared(three, greedy(6), return_logits=True)
     replayed = engine.generate_prepared(three, greedy(6))  # the captured graph again, same cache
     expected = teacher_forced_logits(cuda_model, three, [r.token_ids for r in graphed])

@@ -6,13 +6,15 @@ This is the only module that touches dynamo/inductor settings.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from dualtower.parallel.ac import transformer_block_lists
 
 
-def apply_compile(model: nn.Module, fullgraph: bool = True) -> None:
+def apply_compile(model: nn.Module, fullgraph: bool = True, backend: Any = "inductor") -> None:
     # Packed batches change their token and document counts every step. dynamic=True compiles those sizes as
     # symbols from the first call; the default (static first, then dynamic one dimension at a time as each is
     # seen to change) recompiled the debug LM block 6 times in its first 30 steps. Widths stay static: they meet
@@ -21,4 +23,4 @@ def apply_compile(model: nn.Module, fullgraph: bool = True) -> None:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     for blocks in transformer_block_lists(model):
         for block in blocks:
-            block.compile(fullgraph=fullgraph, dynamic=True)
+            block.compile(fullgraph=fullgraph, dynamic=True, backend=backend)
