@@ -135,7 +135,10 @@ fi
 
 # The tests run each kernel's first config (a third of the compiling); the kernel benchmarks autotune and check
 # the tuned config's result against the reference before timing it.
-run_stage gpu_tests 150 env DUALTOWER_AUTOTUNE=0 python -m pytest tests -m gpu -q -p no:cacheprovider \
+# Only the files that hold gpu tests: collecting the whole suite took a good part of the stage on the H200.
+mapfile -t gpu_test_files < <(grep -l "pytest.mark.gpu" tests/test_*.py)
+((${#gpu_test_files[@]})) || gpu_test_files=(tests)
+run_stage gpu_tests 150 env DUALTOWER_AUTOTUNE=0 python -m pytest "${gpu_test_files[@]}" -m gpu -q -p no:cacheprovider \
     --junitxml="$out_dir/gpu_tests.xml"
 bench_stage train 90 benchmarks/bench_train.py -m "not slow and not compiled"
 # The compiled training step (the training issue's headline figure) before what the last run measured already.
