@@ -11,9 +11,10 @@ Providers (one benchmark entry each, the baseline first):
     dualtower  Trainer.train_step: varlen kernels, right tower over text only, fused linear cross-entropy,
                fp32 weights + bf16 autocast, fused AdamW (eager, or per-block torch.compile)
 Cases: `debug` on the CPU (a small shape), eager and compiled; on CUDA the reference_throughput.md rows it can
-be held against: `135m` with the original's default freezing (projector + left LM train), `360m` with everything
-trainable in eager mode, and the same compiled. Compiled cases are marked `compiled`: `-m "not compiled"` leaves
-them out.
+be held against: `135m` with the original's default freezing (projector + left LM train) and `360m` with
+everything trainable, each eager and compiled. Compiled cases are marked `compiled`: `-m "not compiled"` leaves
+them out. The original's compiled provider on CUDA is also `slow` (minutes of whole-model compilation), so the
+default run and the GPU check hold a compiled dualtower entry against its anchor; `-m compiled` runs both.
 
 extra_info (see _common.py): tokens_per_s (B x T / median step, the original's definition), tflops and mfu
 (model FLOPs of the step as dualtower.training.flops counts them: the same numerator for both providers, so
