@@ -11,8 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_generation import LetterTokenizer, greedy, make_prompt
-from torch import nn
+from test_generation import LetterTokenizer, greedy, make_prompt, varied_debug_model
 
 from dualtower.generation import Generator, PrefixCache, PreparedPrompt, SamplingConfig, csrc_sampler
 from dualtower.generation.profiling import GenerationProfiler
@@ -26,16 +25,7 @@ SHAPES = [(1, 0, 5), (0, 0, 3), (1, 2, 7)]
 
 @pytest.fixture(scope="module")
 def model() -> DualTowerVLM:
-    """The debug model with varied greedy outputs (an untied random head: a tied one mostly echoes its input)."""
-    torch.manual_seed(0)
-    model = DualTowerVLM.from_flavor("debug")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2 and "embedding" not in name:
-                param.normal_(0.0, param.shape[-1] ** -0.5)
-        decoder = model.text_decoder
-        decoder.head.weight = nn.Parameter(torch.randn_like(decoder.head.weight))
-    return model.requires_grad_(False)
+    return varied_debug_model()
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,10 @@ RAGGED = [(1, 0, 5), (3, 2, 9), (0, 0, 4), (2, 1, 6)]
 
 @pytest.fixture(scope="module")
 def model() -> DualTowerVLM:
+    return varied_debug_model()
+
+
+def varied_debug_model() -> DualTowerVLM:
     """A debug model whose greedy outputs vary: wider weights and an untied right head (a random tied head
     mostly echoes the input token)."""
     torch.manual_seed(0)
