@@ -70,6 +70,16 @@ def crafted(probs: list[float], rows: int, device: str = "cuda") -> torch.Tensor
     return logits.repeat(rows, 1).to(device)
 
 
+@pytest.mark.gpu
+def test_greedy_equals_argmax_exactly(fused) -> None:
+    logits = torch.randn(64, VOCAB, device="cuda")
+    ties = (torch.randn(64, VOCAB, device="cuda") * 3).round()  # many equal maxima: the first index wins
+    for scores in (logits, ties):
+        assert torch.equal(fused(scores, SamplingConfig(do_sample=False)), scores.argmax(-1))
+    one = SamplingConfig(do_sample=True, temperature=0.7, top_k=1, top_p=1.0)
+    assert torch.equal(fused(logits, one, make_generator(0, logits.device)), logits.argmax(-1))
+
+
 # (probabilities, sampling settings, the support both samplers must keep)
 CRAFTED = [
     pytest.param([0.5, 0.3, 0.15, 0.05], {"top_k": 2, "top_p": 1.0, "temperature": 1.0}, {0, 1}, id="top_k"),
