@@ -67,3 +67,14 @@ def row_offsets(start, n_rows: tl.constexpr, n_heads, head, offs_d, HEAD_DIM: tl
     """Element offsets of rows start .. start + n_rows of one head."""
     rows = start + tl.arange(0, n_rows)
     return (rows[:, None] * n_heads + head) * HEAD_DIM + offs_d[None, :]
+
+
+@triton.jit
+def zero_rows(ptr, start, end, n_heads, head, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """Store zeros to rows [start, end) of one head of a (rows, heads, HEAD_DIM) buffer."""
+    offs_d = tl.arange(0, BLOCK_D)
+    zeros = tl.zeros([BLOCK_ROWS, BLOCK_D], ptr.dtype.element_ty)
+    for r0 in range(start, end, BLOCK_ROWS):
+        rows = r0 + tl.arange(0, BLOCK_ROWS)
+        offsets = row_offsets(r0, BLOCK_ROWS, n_heads, head, offs_d, HEAD_DIM)
+        tl.store(ptr + offsets, zeros, mask=(rows[:, None] < end) & (offs_d[None, :] < HEAD_DIM))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dualtower_kernels._common import autotune, row_offsets
+from dualtower_kernels._common import autotune, row_offsets, zero_rows
 
 
 @triton.jit
@@ -66,6 +66,8 @@ def _prefix_attn_dq_kernel(
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     block, head, doc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t_start, t_end = tl.load(CU_TEXT + doc), tl.load(CU_TEXT + doc + 1)
+    if block == 0 and doc == tl.num_programs(2) - 1:  # rows after the last document get zero gradients
+        zero_rows(DQ, t_end, n_text_total, n_q_heads, head, HEAD_DIM, BLOCK_D, BLOCK_M)
     m0 = block * BLOCK_M
     if m0 >= t_end - t_start:
         return
@@ -194,13 +196,18 @@ def _dkdv_block(
 @triton.jit
 def _prefix_attn_dkdv_kernel(
     Q, K, V, KP, VP, DO, LSE, DELTA, DK, DV, DKP, DVP, CU_TEXT, CU_PREFIX,
-    n_text_total, n_q_heads, n_kv_heads, group, sm_scale, max_prefix_len,
+    n_text_total, n_prefix_total, n_q_heads, n_kv_heads, group, sm_scale, max_prefix_len,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     block, kv_head, doc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t_start, t_end = tl.load(CU_TEXT + doc), tl.load(CU_TEXT + doc + 1)
     p_start, p_end = tl.load(CU_PREFIX + doc), tl.load(CU_PREFIX + doc + 1)
+    if block == 0 and doc == tl.num_programs(2) - 1:  # rows after the last document get zero gradients
+        zero_rows(DK, t_end, n_text_total, n_kv_heads, kv_head, HEAD_DIM, BLOCK_D, BLOCK_N)
+        zero_rows(DV, t_end, n_text_total, n_kv_heads, kv_head, HEAD_DIM, BLOCK_D, BLOCK_N)
+        zero_rows(DKP, p_end, n_prefix_total, n_kv_heads, kv_head, HEAD_DIM, BLOCK_D, BLOCK_N)
+        zero_rows(DVP, p_end, n_prefix_total, n_kv_heads, kv_head, HEAD_DIM, BLOCK_D, BLOCK_N)
     n_text, n_prefix = t_end - t_start, p_end - p_start
     prefix_blocks = tl.cdiv(max_prefix_len, BLOCK_N)
     if block < prefix_blocks:

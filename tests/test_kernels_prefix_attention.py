@@ -54,15 +54,44 @@ def _run(impl, batch: PackedAttention, grad_out: torch.Tensor) -> tuple[torch.Te
     return out, *(torch.zeros_like(t) if g is None else g for t, g in zip(batch.leaves, grads, strict=True))
 
 
+def _registered_op(*args) -> torch.Tensor:
+    """The path torch.compile takes: the custom op and its registered backward (eager calls skip both)."""
+    return prefix_attention_fwd(*args, 1.0 / args[0].shape[-1] ** 0.5)[0]
+
+
+@pytest.mark.parametrize("impl", [prefix_attention, _registered_op], ids=["eager", "registered_op"])
 @pytest.mark.parametrize("case", list(CPU_CASES), ids=list(CPU_CASES))
-def test_matches_reference(case: str) -> None:
+def test_matches_reference(case: str, impl) -> None:
     text, prefix, q_heads, kv_heads, head_dim, pad_text, pad_prefix = CPU_CASES[case]
     batch = packed_attention(text, prefix, q_heads, kv_heads, head_dim, pad_text=pad_text, pad_prefix=pad_prefix)
     grad_out = torch.randn_like(batch.q)
-    ours = _run(prefix_attention, batch, grad_out)
+    ours = _run(impl, batch, grad_out)
     expected = _run(prefix_attention_reference, batch, grad_out)
     for name, a, e in zip(("out", *GRAD_NAMES), ours, expected, strict=True):
         assert_close(a, e, atol=1e-5, rtol=1e-5, name=name)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [([7, 9, 1], [19, 0, 4]), ([4, 0], [3, 5]), ([0, 6], [2, 0])],
+    ids=["last_text_one_token", "last_text_empty", "last_prefix_empty"],
+)
+def test_writes_every_row_of_uninitialized_outputs(layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outputs and gradients are allocated uninitialized: the kernels must write every row themselves, the
+    padding rows after the last document (zeros) included. NaN-filled allocations make a missed row show."""
+    text, prefix = layout
+    batch = packed_attention(text, prefix, 3, 1, 16, pad_text=21, pad_prefix=18)
+    grad_out = torch.randn_like(batch.q)
+    expected = _run(prefix_attention_reference, batch, grad_out)
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: real_empty_like(*a, **k).fill_(float("nan")))
+    ours = _run(prefix_attention, batch, grad_out)
+    for name, a, e in zip(("out", *GRAD_NAMES), ours, expected, strict=True):
+        assert_close(a, e, atol=1e-5, rtol=1e-5, name=name)
+    _, lse = prefix_attention_fwd(*batch.args, 0.25)
+    assert torch.equal(lse[:, sum(text):], torch.zeros_like(lse[:, sum(text):]))  # deterministic, like out
+    assert not lse[:, : sum(text)].isnan().any()
 
 
 def test_no_text_at_all() -> None:

@@ -20,6 +20,7 @@ CPU_CASES = {
     "even_width": (3, 4, 16, 2, 20),  # width a multiple of the K tile: contiguous gathers
     "odd_width_factor3": (2, 6, 24, 3, 17),  # width not a multiple of the K tile: per-element gathers
     "one_tile": (1, 4, 8, 2, 5),
+    "many_blocks": (5, 8, 16, 2, 40),  # several M and N blocks of the interpreter's 16 x 16 tiles in each grid
 }
 
 
