@@ -49,8 +49,13 @@ def pixel_shuffle_project_reference(x: Tensor, weight: Tensor, factor: int) -> T
 
 
 @triton.jit
-def _row_base(rows, tokens_per_tile, out_side, side, C, FACTOR: tl.constexpr):
-    """Offset in x of the first feature of shuffled rows `rows` (int64: x can exceed 2^31 elements)."""
+def _row_base(rows, tokens_per_tile: tl.constexpr, out_side: tl.constexpr, side: tl.constexpr, C,
+              FACTOR: tl.constexpr):
+    """Offset in x of the first feature of shuffled rows `rows` (int64: x can exceed 2^31 elements).
+
+    The grid sizes are constexpr: dW evaluates this once per step of its token loop, and division by a
+    constant (a power of two for 512-px tiles: 64 tokens, 8 per side) is a shift, not an int64 division.
+    """
     rows = rows.to(tl.int64)
     tile = rows // tokens_per_tile
     token = rows % tokens_per_tile
@@ -88,7 +93,7 @@ _EVEN_C = triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_K"] == 0})
 @_EVEN_C
 @triton.jit
 def _project_fwd_kernel(
-    X, W, OUT, M, n_out, C, tokens_per_tile, out_side, side,
+    X, W, OUT, M, n_out, C, tokens_per_tile: tl.constexpr, out_side: tl.constexpr, side: tl.constexpr,
     FACTOR: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_C: tl.constexpr,
 ):
@@ -129,7 +134,7 @@ def _project_fwd_kernel(
 @triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_N"] == 0})
 @triton.jit
 def _project_dx_kernel(
-    G, W, DX, M, n_out, C, tokens_per_tile, out_side, side,
+    G, W, DX, M, n_out, C, tokens_per_tile: tl.constexpr, out_side: tl.constexpr, side: tl.constexpr,
     FACTOR: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_C: tl.constexpr,
 ):
@@ -163,7 +168,7 @@ def _project_dx_kernel(
 @triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_N"] == 0})
 @triton.jit
 def _project_dw_kernel(
-    G, X, DW, M, n_out, C, tokens_per_tile, out_side, side,
+    G, X, DW, M, n_out, C, tokens_per_tile: tl.constexpr, out_side: tl.constexpr, side: tl.constexpr,
     FACTOR: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_C: tl.constexpr,
 ):
