@@ -241,8 +241,10 @@ class Generator:
             stats.vision_tower_runs += 1
             stats.vision_tiles += batch.pixel_values.shape[0]
         kvs = self.model.prefix_kv(batch)
-        stacked = torch.stack([torch.stack(kv) for kv in kvs])  # (L, 2, Np, Hkv, D)
+        stacked = torch.stack([t for kv in kvs for t in kv]).unflatten(0, (len(kvs), 2))  # (L, 2, Np, Hkv, D)
         bounds = batch.cu_prefix.tolist()
+        if len(bounds) == 2:  # one prefix: the buffer is its entry
+            return [stacked]
         # Clones, so that a cached entry does not keep the whole batch's buffer alive.
         return [stacked[:, :, a:b].clone() for a, b in itertools.pairwise(bounds)]
 

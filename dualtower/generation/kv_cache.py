@@ -27,26 +27,37 @@ from dualtower.model.language import LanguageModel
 
 
 class StaticKVCache:
-    """Per layer, a (B, Hkv, S, D) key and value buffer allocated once (stable addresses for CUDA graphs)."""
+    """One (L, B, Hkv, S, D) key and one value buffer, allocated once (stable addresses for CUDA graphs).
+
+    `keys[l]` / `values[l]` are layer l's (B, Hkv, S, D) views, what the decode step reads and writes; the prefill
+    writes every layer at once through `all_keys` / `all_values`.
+    """
 
     def __init__(self, decoder: LanguageModel, rows: int, capacity: int, dtype: torch.dtype, device: torch.device):
         cfg = decoder.cfg
-        shape = (rows, cfg.n_kv_heads, capacity, cfg.head_dim)
+        shape = (cfg.n_blocks, rows, cfg.n_kv_heads, capacity, cfg.head_dim)
         # Zeros, not empty: masked-out slots are still multiplied by a zero weight, and garbage could be NaN.
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_blocks)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_blocks)]
+        self.all_keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.all_values = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys, self.values = list(self.all_keys.unbind(0)), list(self.all_values.unbind(0))
         self.rows, self.capacity, self.dtype, self.device = rows, capacity, dtype, device
 
     def matches(self, rows: int, capacity: int, dtype: torch.dtype, device: torch.device) -> bool:
         return (self.rows, self.capacity, self.dtype, self.device) == (rows, capacity, dtype, device)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return sum(t.numel() * t.element_size() for t in (self.all_keys, self.all_values))
 
 
 def scatter_rows(cache: Tensor, rows: Tensor, positions: Tensor, values: Tensor) -> None:
     """cache (B, Hkv, S, D)[rows[i], :, positions[i]] = values[i] for values (N, Hkv, D)."""
     cache[rows, :, positions] = values
+
+
+def scatter_layers(cache: Tensor, rows: Tensor, positions: Tensor, values: Tensor) -> None:
+    """Every layer in one write: cache (L, B, Hkv, S, D)[:, rows[i], :, positions[i]] = values[:, i], values
+    (L, N, Hkv, D)."""
+    cache.permute(1, 3, 0, 2, 4)[rows, positions] = values.transpose(0, 1)
 
 
 @dataclass
@@ -92,17 +103,21 @@ def prefill(decoder: LanguageModel, cache: StaticKVCache, layout: PrefillLayout,
     prefix_kv (L, 2, Np, Hkv, D): the left tower's K/V of every prefix token. Returns the fp32 logits of each
     request's last prompt token, (R, V).
     """
+    # The K/V go into the cache with four writes for all layers, not four per layer: the prefill runs eagerly
+    # between compiled blocks, so each write is host time before the first token.
+    scatter_layers(cache.all_keys, layout.prefix_rows, layout.prefix_positions, prefix_kv[:, 0])
+    scatter_layers(cache.all_values, layout.prefix_rows, layout.prefix_positions, prefix_kv[:, 1])
     x = decoder.token_embedding(layout.text_ids)
     cos, sin = decoder.rotary(layout.text_positions)
     text_bounds = (layout.cu_text, layout.max_text_len)
     prefix_bounds = (layout.cu_prefix, layout.max_prefix_len)
+    text_keys, text_values = [], []
     for layer, block in enumerate(decoder.blocks):
-        k_prefix, v_prefix = prefix_kv[layer, 0], prefix_kv[layer, 1]
-        x, k, v = block(x, cos, sin, *text_bounds, k_prefix, v_prefix, *prefix_bounds)
-        scatter_rows(cache.keys[layer], layout.prefix_rows, layout.prefix_positions, k_prefix)
-        scatter_rows(cache.values[layer], layout.prefix_rows, layout.prefix_positions, v_prefix)
-        scatter_rows(cache.keys[layer], layout.text_rows, layout.text_positions, k)
-        scatter_rows(cache.values[layer], layout.text_rows, layout.text_positions, v)
+        x, k, v = block(x, cos, sin, *text_bounds, prefix_kv[layer, 0], prefix_kv[layer, 1], *prefix_bounds)
+        text_keys.append(k)
+        text_values.append(v)
+    scatter_layers(cache.all_keys, layout.text_rows, layout.text_positions, torch.stack(text_keys))
+    scatter_layers(cache.all_values, layout.text_rows, layout.text_positions, torch.stack(text_values))
     last = layout.cu_text[1:].long() - 1
     return decoder.head(decoder.norm(x[last])).float()
 
