@@ -325,6 +325,7 @@ class _EagerPrefixAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # as the registered op: a double backward raises, never lies
     def backward(ctx, grad_out: Tensor):
         q, k, v, k_prefix, v_prefix, out, lse, cu_text, cu_prefix = ctx.saved_tensors
         grads = _launch_backward(

@@ -94,6 +94,15 @@ def test_writes_every_row_of_uninitialized_outputs(layout, monkeypatch: pytest.M
     assert not lse[:, : sum(text)].isnan().any()
 
 
+@pytest.mark.parametrize("impl", [prefix_attention, _registered_op], ids=["eager", "registered_op"])
+def test_double_backward_raises(impl) -> None:
+    """Neither path has a second derivative: asking for one must fail, not return a wrong zero."""
+    batch = packed_attention([3, 2], [2, 0], 2, 1, 16)
+    (dq,) = torch.autograd.grad(impl(*batch.args).sum(), batch.q, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(dq.sum(), batch.q)
+
+
 def test_no_text_at_all() -> None:
     """Every document empty on the text side: zero output, zero gradients, no launch."""
     batch = packed_attention([0, 0], [3, 2], 2, 1, 16)
