@@ -45,9 +45,6 @@ class StaticKVCache:
     def matches(self, rows: int, capacity: int, dtype: torch.dtype, device: torch.device) -> bool:
         return (self.rows, self.capacity, self.dtype, self.device) == (rows, capacity, dtype, device)
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.all_keys, self.all_values))
-
 
 def scatter_rows(cache: Tensor, rows: Tensor, positions: Tensor, values: Tensor) -> None:
     """cache (B, Hkv, S, D)[rows[i], :, positions[i]] = values[i] for values (N, Hkv, D)."""
