@@ -198,8 +198,13 @@ def _kernel_meta(q: Tensor, k: Tensor) -> dict:
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor) -> None:
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
-    if not (k.shape == v.shape and k_prefix.shape[1:] == k.shape[1:] and v_prefix.shape == k_prefix.shape):
-        raise ValueError(f"mismatched K/V shapes: text {k.shape}/{v.shape}, prefix {k_prefix.shape}/{v_prefix.shape}")
+    same_tokens_and_dim = k.shape[0] == q.shape[0] and k.shape[2] == q.shape[2]
+    if not (same_tokens_and_dim and k.shape == v.shape and k_prefix.shape[1:] == k.shape[1:]
+            and v_prefix.shape == k_prefix.shape):
+        raise ValueError(
+            f"mismatched shapes: q {tuple(q.shape)}, text K/V {tuple(k.shape)} / {tuple(v.shape)}, "
+            f"prefix K/V {tuple(k_prefix.shape)} / {tuple(v_prefix.shape)}"
+        )
     if len({t.dtype for t in (q, k, v, k_prefix, v_prefix)}) != 1:
         raise ValueError("q, k, v, k_prefix and v_prefix must share one dtype")
     check_triton_device(q, k, v, k_prefix, v_prefix)
@@ -325,12 +330,13 @@ class _EagerPrefixAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # as the registered op: a double backward raises, never lies
     def backward(ctx, grad_out: Tensor):
         q, k, v, k_prefix, v_prefix, out, lse, cu_text, cu_prefix = ctx.saved_tensors
-        grads = _launch_backward(
-            grad_out, q, k, v, k_prefix, v_prefix, out, lse, cu_text, cu_prefix, *ctx.lengths, ctx.scale
-        )
+        # Under create_graph, through the registered op: it has no derivative, so a backward through these
+        # gradients raises. Raw launches would return gradients that autograd treats as constants, and a second
+        # derivative would silently drop this op's term.
+        backward = prefix_attention_bwd if torch.is_grad_enabled() else _launch_backward
+        grads = backward(grad_out, q, k, v, k_prefix, v_prefix, out, lse, cu_text, cu_prefix, *ctx.lengths, ctx.scale)
         return (*grads, None, None, None, None, None)
 
 

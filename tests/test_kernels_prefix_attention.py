@@ -73,14 +73,15 @@ def test_matches_reference(case: str, impl) -> None:
 
 @pytest.mark.parametrize(
     "layout",
-    [([7, 9, 1], [19, 0, 4]), ([4, 0], [3, 5]), ([0, 6], [2, 0])],
-    ids=["last_text_one_token", "last_text_empty", "last_prefix_empty"],
+    [([7, 9, 1], [19, 0, 4], 3, 1, 16), ([4, 0], [3, 5], 3, 1, 16), ([0, 6], [2, 0], 3, 1, 16),
+     ([5, 2], [6, 3], 4, 2, 24)],
+    ids=["last_text_one_token", "last_text_empty", "last_prefix_empty", "two_kv_heads_dim24"],
 )
 def test_writes_every_row_of_uninitialized_outputs(layout, monkeypatch: pytest.MonkeyPatch) -> None:
     """Outputs and gradients are allocated uninitialized: the kernels must write every row themselves, the
     padding rows after the last document (zeros) included. NaN-filled allocations make a missed row show."""
-    text, prefix = layout
-    batch = packed_attention(text, prefix, 3, 1, 16, pad_text=21, pad_prefix=18)
+    text, prefix, q_heads, kv_heads, head_dim = layout
+    batch = packed_attention(text, prefix, q_heads, kv_heads, head_dim, pad_text=21, pad_prefix=18)
     grad_out = torch.randn_like(batch.q)
     expected = _run(prefix_attention_reference, batch, grad_out)
     real_empty, real_empty_like = torch.empty, torch.empty_like
@@ -96,11 +97,20 @@ def test_writes_every_row_of_uninitialized_outputs(layout, monkeypatch: pytest.M
 
 @pytest.mark.parametrize("impl", [prefix_attention, _registered_op], ids=["eager", "registered_op"])
 def test_double_backward_raises(impl) -> None:
-    """Neither path has a second derivative: asking for one must fail, not return a wrong zero."""
+    """Neither path has a second derivative: asking for one must fail, not drop this op's term. The q ** 2 term
+    gives the first gradient a graph of its own, so only the attention's part can make the second one fail."""
     batch = packed_attention([3, 2], [2, 0], 2, 1, 16)
-    (dq,) = torch.autograd.grad(impl(*batch.args).sum(), batch.q, create_graph=True)
-    with pytest.raises(RuntimeError):
+    loss = impl(*batch.args).sum() + (batch.q**2).sum()
+    (dq,) = torch.autograd.grad(loss, batch.q, create_graph=True)
+    with pytest.raises(RuntimeError, match="autograd"):
         torch.autograd.grad(dq.sum(), batch.q)
+
+
+def test_rejects_text_kv_rows_unlike_the_queries() -> None:
+    batch = packed_attention([3, 2], [2, 0], 2, 1, 16)
+    longer_k = torch.cat([batch.k, batch.k[:1]])
+    with pytest.raises(ValueError, match="mismatched shapes"):
+        prefix_attention(batch.q, longer_k, longer_k, *batch.args[3:])
 
 
 def test_no_text_at_all() -> None:

@@ -30,7 +30,7 @@ class StaticKVCache:
     """One (L, B, Hkv, S, D) key and one value buffer, allocated once (stable addresses for CUDA graphs).
 
     `keys[l]` / `values[l]` are layer l's (B, Hkv, S, D) views, what the decode step reads and writes; the prefill
-    writes every layer at once through `all_keys` / `all_values`.
+    writes the prefix K/V of every layer at once through `all_keys` / `all_values`.
     """
 
     def __init__(self, decoder: LanguageModel, rows: int, capacity: int, dtype: torch.dtype, device: torch.device):
@@ -100,21 +100,19 @@ def prefill(decoder: LanguageModel, cache: StaticKVCache, layout: PrefillLayout,
     prefix_kv (L, 2, Np, Hkv, D): the left tower's K/V of every prefix token. Returns the fp32 logits of each
     request's last prompt token, (R, V).
     """
-    # The K/V go into the cache with four writes for all layers, not four per layer: the prefill runs eagerly
-    # between compiled blocks, so each write is host time before the first token.
+    # The prefix K/V of every layer go into the cache in two writes, not two per layer: the prefill runs eagerly
+    # between compiled blocks, so each write is host time before the first token. The text K/V are written layer
+    # by layer: holding every layer's until the end would cost L times their memory (GBs for big batches).
     scatter_layers(cache.all_keys, layout.prefix_rows, layout.prefix_positions, prefix_kv[:, 0])
     scatter_layers(cache.all_values, layout.prefix_rows, layout.prefix_positions, prefix_kv[:, 1])
     x = decoder.token_embedding(layout.text_ids)
     cos, sin = decoder.rotary(layout.text_positions)
     text_bounds = (layout.cu_text, layout.max_text_len)
     prefix_bounds = (layout.cu_prefix, layout.max_prefix_len)
-    text_keys, text_values = [], []
     for layer, block in enumerate(decoder.blocks):
         x, k, v = block(x, cos, sin, *text_bounds, prefix_kv[layer, 0], prefix_kv[layer, 1], *prefix_bounds)
-        text_keys.append(k)
-        text_values.append(v)
-    scatter_layers(cache.all_keys, layout.text_rows, layout.text_positions, torch.stack(text_keys))
-    scatter_layers(cache.all_values, layout.text_rows, layout.text_positions, torch.stack(text_values))
+        scatter_rows(cache.keys[layer], layout.text_rows, layout.text_positions, k)
+        scatter_rows(cache.values[layer], layout.text_rows, layout.text_positions, v)
     last = layout.cu_text[1:].long() - 1
     return decoder.head(decoder.norm(x[last])).float()
 
