@@ -53,7 +53,7 @@ def _row_base(rows, tokens_per_tile: tl.constexpr, out_side: tl.constexpr, side:
               FACTOR: tl.constexpr):
     """Offset in x of the first feature of shuffled rows `rows` (int64: x can exceed 2^31 elements).
 
-    The grid sizes are constexpr: dW evaluates this once per step of its token loop, and division by a
+    The patch-grid sizes are constexpr: dW evaluates this once per step of its token loop, and division by a
     constant (a power of two for 512-px tiles: 64 tokens, 8 per side) is a shift, not an int64 division.
     """
     rows = rows.to(tl.int64)
