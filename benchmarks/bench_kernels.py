@@ -18,6 +18,8 @@ Targets (H100): prefix attention fwd+bwd >= 1.2x varlen_attn (its K/V concatenat
 >= 1.5x eager and >= 85% of a cuBLAS GEMM of the same size; linear CE <= 25% of eager peak memory at <= 5%
 more time; decode >= 2x SDPA (the reference: SDPA with enable_gqa over a boolean mask) at batch 1 with a 2k
 cache, each timed per call inside CUDA graphs (DECODE_GRAPH_CALLS), as the captured decode step runs them.
+Host cost (CUDA): the prefix attention's eager path against its registered op, forward + backward of one
+8-token document back to back, where the wall time is Python, dispatch and launches (`us_per_call`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,18 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from _common import CUDA, DEVICE, WRONG_RESULT, extra_peak_gib, median_s, relative_error, repeated_calls, synced
+from _common import (
+    CUDA,
+    DEVICE,
+    WRONG_RESULT,
+    device_name,
+    extra_peak_gib,
+    median_ms,
+    median_s,
+    relative_error,
+    repeated_calls,
+    synced,
+)
 from _kernel_timing import (
     COMPILED,
     DTYPE,
@@ -44,7 +57,7 @@ from torch.nn.functional import scaled_dot_product_attention
 from dualtower import ops
 from dualtower_kernels.decode_attention import decode_attention_reference
 from dualtower_kernels.linear_cross_entropy import linear_cross_entropy_reference
-from dualtower_kernels.prefix_attention import concat_prefix_text
+from dualtower_kernels.prefix_attention import concat_prefix_text, prefix_attention, prefix_attention_fwd
 from dualtower_kernels.prefix_attention_reference import prefix_attention_reference
 from dualtower_kernels.projector import pixel_shuffle, pixel_shuffle_project_reference
 from dualtower_kernels.testing import PackedAttention, packed_attention, random_packing
@@ -158,6 +171,38 @@ def test_prefix_attention(benchmark, provider: str, case: str, mode: str) -> Non
         flops = batch.flops
     benchmark.group = f"prefix_attention {case} {mode}"
     measure(benchmark, ("attn", case, mode), providers, provider, ["varlen_attn", "flash", "reference"], flops)
+
+
+HOST_COST_CALLS = 200
+
+
+def test_prefix_attention_host_cost(benchmark) -> None:
+    """Host time of one forward + backward of a single 8-token document, where the kernels take microseconds: the
+    wall time of back-to-back calls is their Python, dispatch and launch cost. Timed: the eager path (an
+    autograd.Function); baseline: the registered custom op with its registered backward, called eagerly (what
+    the eager path used to be, and what compiled code calls)."""
+    if not CUDA:
+        pytest.skip("needs real launches: the interpreter runs the kernels themselves in Python")
+    batch = packed_attention([8], [8], 9, 3, 64, dtype=DTYPE, device=DEVICE)
+    grad_out = torch.ones_like(batch.q)
+
+    def calls(attend: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(HOST_COST_CALLS):
+                torch.autograd.grad(attend(), batch.leaves, grad_out)
+        return run
+
+    eager = calls(lambda: prefix_attention(*batch.args))
+    registered = calls(lambda: prefix_attention_fwd(*batch.args, batch.q.shape[-1] ** -0.5)[0])
+    benchmark.group = "prefix_attention host cost"
+    benchmark.pedantic(synced(eager), rounds=5, warmup_rounds=1, iterations=1)
+    seconds = median_s(benchmark)
+    if seconds is None:
+        return
+    baseline_us = median_ms(registered, rounds=5, warmup=1) * 1e3 / HOST_COST_CALLS
+    us = seconds * 1e6 / HOST_COST_CALLS
+    benchmark.extra_info.update(device=device_name(), provider="eager_function", role="fast", us_per_call=us,
+                                baseline="registered_op", baseline_us_per_call=baseline_us, ratio=baseline_us / us)
 
 
 # ----------------------------------------------------------------------------------------------------------------
