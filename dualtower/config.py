@@ -96,7 +96,7 @@ class CheckpointSection:
     save_final: bool = True
     export_final: bool = True  # save_pretrained() format at the end
     export_folder: str = "export"
-    export_only: bool = False  # load the resume checkpoint, export it and stop (no training)
+    export_only: bool = False  # load the resume checkpoint's weights, export them and stop (no training)
 
 
 @dataclass
@@ -169,6 +169,7 @@ def _validate_sections(cfg: JobConfig) -> None:
     _one_of(m.attention_backend, ops.BACKENDS, "model.attention_backend")
     for key in ("image_mean", "image_std"):
         check(len(getattr(m, key)) in (0, 3), f"model.{key} needs 3 values (one per RGB channel) or none")
+        check(all(math.isfinite(v) for v in getattr(m, key)), f"model.{key} must be finite numbers")
     check(all(s > 0 for s in m.image_std), "model.image_std must be positive")
     lrs = {"lr_vision": o.lr_vision, "lr_projector": o.lr_projector, "lr_left": o.lr_left, "lr_right": o.lr_right}
     for key, lr in lrs.items():
@@ -214,7 +215,12 @@ def apply_override(cfg: JobConfig, dotted: str, text: str) -> None:
             raise ConfigError(f"unknown key {'.'.join(parts[: i + 1])!r} in {where}{suggest(part, known)}")
         if i == len(parts) - 1:
             hint = field_hints(type(obj))[part]
-            setattr(obj, part, coerce(parse_cli_text(text, hint, dotted), hint, dotted))
+            value = parse_cli_text(text, hint, dotted)
+            current = getattr(obj, part)
+            if dataclasses.is_dataclass(current) and isinstance(value, dict):
+                merge_table(current, value, dotted)  # an inline table: the keys it omits keep the recipe's values
+            else:
+                setattr(obj, part, coerce(value, hint, dotted))
         else:
             obj = getattr(obj, part)
             check(dataclasses.is_dataclass(obj), f"{'.'.join(parts[: i + 1])!r} is a value, not a section")

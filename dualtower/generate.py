@@ -131,7 +131,10 @@ def read_requests_file(path: Path) -> list[tuple[list[str], str]]:
     if not path.is_file():
         raise FileNotFoundError(f"requests file not found: {path}")
     requests = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    # JSON Lines: UTF-8 (a BOM from Windows editors is dropped), records end at "\n" only. str.splitlines()
+    # would also split at U+2028, U+2029 and NEL, which JSON strings may hold unescaped.
+    text = _read_utf8(path)
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -146,6 +149,16 @@ def read_requests_file(path: Path) -> list[tuple[list[str], str]]:
     if not requests:
         raise ValueError(f"{path} holds no requests")
     return requests
+
+
+def _read_utf8(path: Path) -> str:
+    """The file's text; a file in another encoding fails naming its line (the codec's message names neither)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{path} line {line}: not UTF-8 text ({error.reason} at byte {error.start})") from error
 
 
 def _parse_request(item: Any) -> tuple[list[str], str]:
@@ -227,6 +240,7 @@ def pick_device(name: str) -> Any:
 def load_model(args: argparse.Namespace, device: Any) -> tuple[Any, Any]:
     import torch
 
+    from dualtower.adapters.common import resolve_source
     from dualtower.hub import parse_dtype
     from dualtower.model import DualTowerVLM
     from dualtower.tokenizer import load_tokenizer
@@ -235,12 +249,13 @@ def load_model(args: argparse.Namespace, device: Any) -> tuple[Any, Any]:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         dtype = parse_dtype(args.dtype)
+    # Resolved once: a Hub id becomes its downloaded snapshot, which also holds the checkpoint's tokenizer.
+    source = resolve_source(args.checkpoint)
     model = DualTowerVLM.from_pretrained(
-        args.checkpoint, config_path=args.config, device=device, dtype=dtype, architecture=args.architecture
+        source, config_path=args.config, device=device, dtype=dtype, architecture=args.architecture
     )
     model.requires_grad_(False)
-    source = Path(args.checkpoint).expanduser()
-    checkpoint_dir = source if source.is_dir() else source.parent if source.is_file() else None
+    checkpoint_dir = source if source.is_dir() else source.parent
     tokenizer = load_tokenizer(checkpoint_dir, tokenizer_id=model.cfg.tokenizer_id)
     return model, tokenizer
 

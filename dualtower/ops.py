@@ -263,7 +263,6 @@ def _autocast_like_a_matmul(op: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return run
 
 
-
 @_autocast_like_a_matmul
 def prefix_attention(
     q: Tensor,

@@ -160,6 +160,15 @@ def test_reshard_loader_state_refuses_positions_that_do_not_carry_over() -> None
     # A different total number of shards, or another state version.
     assert reshard_loader_state([_loader_state(0, 1, 4, 40)], 0, 2, _loader_state(0, 2, 1, 0)) is None
     assert reshard_loader_state([{**_loader_state(0, 1, 2, 4), "version": 2}], 0, 2, _loader_state(0, 2, 1, 0)) is None
+    # A worker ran out (a finite pass): its turn was skipped, so the count no longer says what each shard gave.
+    ran_out = {**_loader_state(0, 1, 2, 5), "next_worker": 0}
+    assert reshard_loader_state([ran_out], 0, 2, _loader_state(0, 2, 1, 0)) is None
+
+
+def test_reshard_loader_state_starts_the_round_robin_at_the_first_worker() -> None:
+    current = {**_loader_state(0, 1, 2, 0), "next_worker": 1}
+    state = reshard_loader_state([{**_loader_state(r, 2, 1, 7), "next_worker": 0} for r in (0, 1)], 0, 1, current)
+    assert state["delivered"] == 14 and state["next_worker"] == 0
 
 
 def _poisoned(trainer, poisoned: set[int]):

@@ -162,3 +162,43 @@ def _value(cfg: JobConfig, dotted: str):
     for part in dotted.split("."):
         value = getattr(value, part)
     return value
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--parallel.fsdp=on"], "parallel.fsdp = 'on' needs a process group"),
+        (  # the vanilla architecture has no right tower: nothing trains
+            ["--model.flavor=vanilla-debug", "--optim.lr_vision=0", "--optim.lr_projector=0", "--optim.lr_left=0"],
+            "no trainable parameters",
+        ),
+    ],
+)
+def test_settings_refused_when_the_run_is_built_are_one_line_errors(tmp_path, capsys, overrides, message) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_main", ROOT / "train" / "main.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--config", str(CONFIGS / "debug.toml"), f"--job.run_dir={tmp_path}", "--data.num_workers=0", *overrides]
+    assert module.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and any(line.startswith("error: ") and message in line for line in err.splitlines())
+
+
+@pytest.mark.parametrize("arg", ["--model.image_mean=inf,0.5,0.5", "--model.image_std=0.5,inf,0.5",
+                                 "--model.image_mean=nan,0.5,0.5"])  # fmt: skip
+def test_pixel_normalization_must_be_finite(arg: str) -> None:
+    with pytest.raises(ConfigError, match=r"model\.image_(mean|std) must be finite"):
+        load_job_config([arg])
+
+
+def test_an_inline_table_override_merges_into_the_recipes_section() -> None:
+    """--section.sub={key=value} changes only the keys it names: the others keep the recipe's values (as a
+    [data.synthetic] table in a second TOML file would), not the defaults."""
+    recipe = load_job_config(["--config", str(CONFIGS / "debug.toml")])
+    cfg = load_job_config(["--config", str(CONFIGS / "debug.toml"), '--data.synthetic={difficulty="hard"}'])
+    assert cfg.data.synthetic.difficulty == "hard"
+    assert cfg.data.synthetic.question_types == recipe.data.synthetic.question_types == ("color", "shape", "count")
+    with pytest.raises(ConfigError, match=r"unknown key 'data.synthetic.difficultly'"):
+        load_job_config(['--data.synthetic={difficultly="hard"}'])

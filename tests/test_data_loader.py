@@ -247,6 +247,24 @@ def test_a_rebuilt_image_token_or_a_changed_image_file_costs_at_most_its_documen
     assert pipeline.stats.events["image_token_stripped"] == 1
 
 
+def test_a_buffered_sample_gone_on_resume_is_counted_as_dropped(tokenizer, debug_cfg):
+    """read = samples + dropped + still buffered holds across a resume whose source lost buffered samples."""
+    good = Image.new("RGB", (60, 60), (0, 90, 0))
+    raw = [sample([good], (f"q{i}", f"a{i}")) for i in range(20)]
+    first = ShardPipeline(IndexedSource(raw, 0, False), small_cfg(), debug_cfg, tokenizer, 0, 1, infinite=False)
+    _, state = next(iter(first))
+    buffered = len(state["buffer"])
+    assert buffered > 0
+    source = IndexedSource(raw, 0, False)
+    source.fetch = lambda epoch, shard, num_shards, positions: {}  # the buffered samples are gone
+    resumed = ShardPipeline(source, small_cfg(), debug_cfg, tokenizer, 0, 1, infinite=False, state=state)
+    assert resumed.stats.dropped["gone_on_resume"] == buffered
+    for _ in resumed:
+        pass
+    stats = resumed.stats
+    assert stats.read == 20 and stats.samples + stats.num_dropped == stats.read
+
+
 def _fake_cauldron(monkeypatch):
     """Two configs of a local, in-memory dataset in The Cauldron's schema, streamed like the Hub's."""
     import datasets
@@ -338,6 +356,10 @@ def test_config_validation():
         DataConfig(worker_start_method="thread").validate()
     with pytest.raises(ConfigError, match="unknown key"):
         DataConfig.from_dict({"sauce": "synthetic"})
+    # Packed rows start from buffered documents: a buffer smaller than a batch gave one-row batches.
+    with pytest.raises(ConfigError, match=r"shuffle_buffer \(2\) must be >= data.rows_per_batch \(4\)"):
+        DataConfig(rows_per_batch=4, shuffle_buffer=2).validate()
+    DataConfig(rows_per_batch=4, shuffle_buffer=2, pack=False).validate()  # unpacked, the buffer is one batch
     cfg = DataConfig.from_dict({"source": "cauldron", "synthetic": {"difficulty": "hard"}, "cauldron_configs": ["a"]})
     assert cfg.synthetic.difficulty == "hard" and cfg.cauldron_configs == ("a",)
     assert DataConfig.from_dict(cfg.to_dict()) == cfg

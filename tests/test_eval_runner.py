@@ -128,6 +128,29 @@ def test_generation_is_independent_of_batching_and_order(runner: EvalModel):
     assert all(isinstance(text, str) and text for text in batched)
 
 
+def test_prefix_cache_keys_hash_the_images_not_their_tiles(runner: EvalModel, monkeypatch: pytest.MonkeyPatch):
+    """Up to 17 fp32 tiles per prompt would be hashed otherwise; the same image still hits the cache."""
+    from dualtower.generation import requests
+
+    hashed_shapes: list[tuple[int, ...]] = []
+    real_digest = requests.tensor_digest
+
+    def recording_digest(tensor: torch.Tensor) -> str:
+        hashed_shapes.append(tuple(tensor.shape))
+        return real_digest(tensor)
+
+    monkeypatch.setattr(requests, "tensor_digest", recording_digest)
+    image = Image.new("RGB", (90, 150), (10, 200, 90))  # no other test uses it: the first call misses
+    sampling = sampling_from_gen_kwargs({"max_new_tokens": 2})
+    stats = runner.generator.prefix_cache.stats
+    hits_before, misses_before = stats.hits, stats.misses
+    first = runner.generate([EvalPrompt([image], "What color is it?")], sampling)
+    again = runner.generate([EvalPrompt([image.copy()], "What color is it?")], sampling)
+    assert first == again
+    assert (stats.hits, stats.misses) == (hits_before + 1, misses_before + 1)
+    assert hashed_shapes and all(len(shape) == 1 for shape in hashed_shapes)  # prefix ids only
+
+
 def run_cli(args: list[str]) -> None:
     from dualtower.evaluate import main
 

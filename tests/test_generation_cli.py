@@ -214,3 +214,48 @@ def test_a_missing_local_checkpoint_fails_fast_but_a_hub_id_does_not(tmp_path, m
     check_checkpoint("owner/name", None)  # may be a Hub repo id: left to the loader
     with pytest.raises(FileNotFoundError, match="config not found"):
         check_checkpoint("owner/name", "missing.json")
+
+
+def test_requests_file_lines_end_only_at_newlines_and_a_bom_is_accepted(tmp_path) -> None:
+    """JSON strings may hold U+2028, U+2029 and NEL unescaped (json.dumps(ensure_ascii=False) writes them so):
+    str.splitlines() split such a request in two ('not valid JSON'). Editors on Windows write a UTF-8 BOM."""
+    requests = tmp_path / "requests.jsonl"
+    prompts = ["one\u2028two", "three\u2029four\x85five", "日本語 ✓"]
+    body = "\r\n".join(json.dumps({"prompt": prompt}, ensure_ascii=False) for prompt in prompts) + "\r\n"
+    requests.write_bytes("\ufeff".encode() + body.encode("utf-8"))
+    assert read_requests_file(requests) == [([], prompt) for prompt in prompts]
+
+
+def test_a_requests_file_that_is_not_utf8_names_the_file_and_line(tmp_path) -> None:
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')  # Latin-1
+    with pytest.raises(ValueError, match=r"requests\.jsonl line 2: not UTF-8 text \(invalid continuation byte"):
+        read_requests_file(requests)
+
+
+def test_a_hub_checkpoint_is_downloaded_once_and_its_tokenizer_used(capsys, checkpoint, images, monkeypatch) -> None:
+    """DESIGN.md section 6: the tokenizer comes from the checkpoint's own folder first, for a Hub id too."""
+    import huggingface_hub
+
+    from dualtower import tokenizer as tokenizer_module
+
+    downloads, tokenizer_dirs = [], []
+    real_load_tokenizer = tokenizer_module.load_tokenizer
+
+    def fake_snapshot_download(repo_id: str, **kwargs: object) -> str:
+        downloads.append(repo_id)
+        return str(checkpoint)
+
+    def recording_load_tokenizer(checkpoint_dir=None, tokenizer_id=tokenizer_module.DEFAULT_TOKENIZER_ID):
+        tokenizer_dirs.append(checkpoint_dir)
+        return real_load_tokenizer(checkpoint_dir, tokenizer_id)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(tokenizer_module, "load_tokenizer", recording_load_tokenizer)
+    code, out, err = run_main(
+        capsys, "--checkpoint", "someone/dualtower-debug", "--image", images["square"], "--prompt", "Hi?",
+        "--max_new_tokens", 2, "--device", "cpu",
+    )
+    assert code == 0 and out.count("\n") == 1, err
+    assert downloads == ["someone/dualtower-debug"]
+    assert [Path(d).resolve() for d in tokenizer_dirs] == [checkpoint.resolve()]

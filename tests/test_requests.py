@@ -25,3 +25,19 @@ def test_check_positions_names_the_first_request_that_does_not_fit() -> None:
     check_positions(prompts, max_new_tokens=8, limit=20)  # 12 + 8 = 20 fits exactly
     with pytest.raises(ValueError, match=r"request 1: 9 prompt tokens \+ max_new_tokens 12 exceed the model's 20"):
         check_positions(prompts, max_new_tokens=12, limit=20)
+
+
+def test_a_single_image_is_one_image_not_an_iterable_of_them() -> None:
+    """A bare path was iterated character by character ("cannot decode image: ... 'a'"), a bare PIL image
+    raised "not iterable"; both are one image, as is any other single source load_image accepts."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from dualtower.generation import GenerationRequest
+
+    picture = Image.new("RGB", (4, 4))
+    for single in ("cat.png", Path("cat.png"), b"\x89PNG", picture, {"path": "cat.png"}):
+        assert GenerationRequest(single, "q").images == [single]
+    assert GenerationRequest(("a.png", picture), "q").images == ["a.png", picture]
+    assert GenerationRequest([], "q").images == []

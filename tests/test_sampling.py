@@ -148,3 +148,11 @@ def test_top_p_drops_a_token_whose_more_likely_mass_equals_p_exactly() -> None:
     logits = torch.tensor([[math.log(0.5), math.log(0.25), math.log(0.25)]])
     assert support(logits, top_p=0.5, top_k=0, temperature=1.0) == {0}
     assert support(logits, top_p=0.5000001, top_k=0, temperature=1.0) == {0, 1, 2}  # the tie group goes together
+
+
+def test_a_single_stop_string_is_one_stop_string_not_its_characters() -> None:
+    """transformers accepts `stop_strings="..."`; tuple("\\n\\nQ:") would stop at any newline, Q or colon."""
+    assert SamplingConfig(stop_strings="\n\nQ:").stop_strings == ("\n\nQ:",)
+    assert SamplingConfig(stop_strings=["a", "bc"]).stop_strings == ("a", "bc")
+    with pytest.raises(ValueError, match="stop strings must be non-empty"):
+        SamplingConfig(stop_strings="")

@@ -44,3 +44,37 @@ def test_changed_hyperparameters_take_effect_on_resume(tmp_path, caplog) -> None
     message = " ".join(r.getMessage() for r in caplog.records)
     assert "left.initial_lr 0.001 -> 0.0001" in message and "projector.initial_lr" not in message
     assert "left.weight_decay 0.01 -> 0.05" in message
+
+
+@pytest.mark.parametrize(("frozen_at_save", "frozen_at_resume"), [(True, False), (False, True)])
+def test_resuming_with_other_trainable_towers_is_a_clear_error(tmp_path, frozen_at_save, frozen_at_resume) -> None:
+    """Freezing or unfreezing a tower changes the optimizer's parameter groups, which the checkpoint's optimizer
+    state cannot be loaded into: the error must say so (not a DCP "missing key" or a group-size mismatch)."""
+    from dualtower.adapters.common import CheckpointError
+
+    batches = make_batches(tiny_model(), [[(1, 2, 5), (0, 0, 3)]] * 4, seed=1)
+    job = _job(2, 1e-3, 0.01, (0.9, 0.999))
+    job.optim.lr_vision = 0.0 if frozen_at_save else 1e-3
+    build_trainer(tiny_model(), batches, tmp_path, job).train()
+    job.training.steps = 4
+    job.optim.lr_vision = 0.0 if frozen_at_resume else 1e-3
+    with pytest.raises(CheckpointError, match=r"step_00000002.*parameter groups .*vision.*optim.lr_\*"):
+        build_trainer(tiny_model(), batches, tmp_path, job).train()
+
+
+def test_export_only_needs_the_model_not_the_optimizer_layout(tmp_path) -> None:
+    """Exporting reads only the weights: a config that now freezes the vision tower still exports them."""
+    from test_hub import assert_same_state
+
+    from dualtower.model import DualTowerVLM
+
+    batches = make_batches(tiny_model(), [[(1, 2, 5), (0, 0, 3)]] * 4, seed=1)
+    job = _job(2, 1e-3, 0.01, (0.9, 0.999))
+    trained = build_trainer(tiny_model(), batches, tmp_path, job)
+    trained.train()
+    job.optim.lr_vision = 0.0
+    job.checkpoint.export_only = True
+    exporter = build_trainer(tiny_model(), batches, tmp_path, job)
+    assert exporter.train() == 2
+    exported = DualTowerVLM.from_pretrained(tmp_path / job.checkpoint.export_folder)
+    assert_same_state(exported, trained.model)

@@ -55,29 +55,51 @@ def resolve_source(source: str | Path, allow_patterns: list[str] | None = None) 
 def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"missing {path.name} in {path.parent}")
-    with path.open() as handle:
-        return json.load(handle)
+    try:
+        with path.open(encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
 
 
 def find_config(directory: Path) -> dict[str, Any]:
     return read_json(directory / CONFIG_FILE)
 
 
-def read_safetensors(path: Path) -> dict[str, Tensor]:
-    """All tensors of a weights file, or of a directory holding model.safetensors or a sharded index."""
-    if path.is_file():
+def _load_weights_file(path: Path) -> dict[str, Tensor]:
+    """One safetensors file; a missing, truncated or foreign file is a CheckpointError that names it."""
+    try:
         return load_file(path)
+    except Exception as error:  # safetensors raises its own error type, OSError, or ValueError
+        raise CheckpointError(f"cannot read {path} as safetensors: {error}") from error
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    """All tensors of a weights file, or of a directory holding model.safetensors or a sharded index.
+
+    A directory with both reads model.safetensors, as transformers does: saving a single-file checkpoint
+    over an old sharded one leaves the old index behind, and it must not shadow the new weights."""
+    if path.is_file():
+        return _load_weights_file(path)
+    single = path / SAFETENSORS_FILE
+    if single.is_file():
+        return _load_weights_file(single)
     index = path / SAFETENSORS_INDEX
     if index.is_file():
-        shards = sorted(set(read_json(index)["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no weight_map object")
+        shards = sorted(set(weight_map.values()))
         logger.info("reading %d safetensors shards from %s", len(shards), path)
         tensors: dict[str, Tensor] = {}
         for shard in shards:
-            tensors.update(load_file(path / shard))
+            if not (path / shard).is_file():
+                raise CheckpointError(f"shard {shard} listed in {index} is missing")
+            tensors.update(_load_weights_file(path / shard))
         return tensors
-    single = path / SAFETENSORS_FILE
-    if single.is_file():
-        return load_file(single)
     raise CheckpointError(f"no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} in {path}")
 
 

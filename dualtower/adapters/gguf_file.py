@@ -81,10 +81,31 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], list[TensorInfo]]:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     buffer = np.memmap(path, dtype=np.uint8, mode="r")
-    cursor = _Cursor(buffer)
     if bytes(buffer[:4]) != MAGIC:
         raise ValueError(f"{path} is not a GGUF file")
-    cursor.offset = 4
+    try:
+        metadata, infos, header_end = _read_header(buffer)
+    except struct.error as error:  # the header runs past the end of the file
+        raise ValueError(f"{path} is truncated (an interrupted download?): {error}") from error
+    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+    data_start = -(-header_end // alignment) * alignment
+    tensors = []
+    for name, shape, ggml_type, offset in infos:
+        block, type_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+        row_bytes = shape[-1] // block * type_bytes
+        rows = int(np.prod(shape[:-1], dtype=np.int64))
+        start = data_start + offset
+        if start + rows * row_bytes > buffer.size:
+            raise ValueError(f"{path} is truncated (an interrupted download?): tensor {name} ends past the file")
+        raw = buffer[start : start + rows * row_bytes].reshape(rows, row_bytes)
+        tensors.append(TensorInfo(name, shape, ggml_type, raw))
+    return metadata, tensors
+
+
+def _read_header(buffer: np.ndarray) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], int, int]], int]:
+    """(metadata, tensor infos as (name, shape, type, offset), offset where the header ends)."""
+    cursor = _Cursor(buffer)
+    cursor.offset = len(MAGIC)
     version, n_tensors, n_fields = cursor.unpack("<I"), cursor.unpack("<Q"), cursor.unpack("<Q")
     if version < 2:
         raise ValueError(f"GGUF version {version} is not supported (2 or later)")
@@ -97,14 +118,4 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], list[TensorInfo]]:
         name = cursor.string()
         dims = [cursor.unpack("<Q") for _ in range(cursor.unpack("<I"))]
         infos.append((name, tuple(reversed(dims)), cursor.unpack("<I"), cursor.unpack("<Q")))
-    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-    data_start = -(-cursor.offset // alignment) * alignment
-    tensors = []
-    for name, shape, ggml_type, offset in infos:
-        block, type_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-        row_bytes = shape[-1] // block * type_bytes
-        rows = int(np.prod(shape[:-1], dtype=np.int64))
-        start = data_start + offset
-        raw = buffer[start : start + rows * row_bytes].reshape(rows, row_bytes)
-        tensors.append(TensorInfo(name, shape, ggml_type, raw))
-    return metadata, tensors
+    return metadata, infos, cursor.offset

@@ -62,7 +62,9 @@ class DataConfig:
     rows_per_batch: int = 4
     pack: bool = True  # False: one document per row
     shuffle_buffer: int = 512  # documents the packer chooses from
-    max_wait_batches: int = 64  # a document waits at most this many batches in the buffer
+    # A document buffered this many batches goes first (it seeds the next row, oldest first). A soft bound: with
+    # more overdue documents than rows per batch some wait longer, up to ~shuffle_buffer / rows_per_batch more.
+    max_wait_batches: int = 64
     num_workers: int = 2
     prefetch_factor: int = 2
     pin_memory: bool = True  # only when CUDA is available
@@ -86,6 +88,11 @@ class DataConfig:
         _require(self.max_tiles_per_row >= 1, "data.max_tiles_per_row must be >= 1")
         _require(self.rows_per_batch >= 1, "data.rows_per_batch must be >= 1")
         _require(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
+        # Each packed row starts from a buffered document: a smaller buffer would give shorter batches.
+        _require(
+            not self.pack or self.shuffle_buffer >= self.rows_per_batch,
+            f"data.shuffle_buffer ({self.shuffle_buffer}) must be >= data.rows_per_batch ({self.rows_per_batch})",
+        )
         _require(self.max_wait_batches >= 1, "data.max_wait_batches must be >= 1")
         _require(self.num_workers >= 0, "data.num_workers must be >= 0")
         _require(self.prefetch_factor >= 1, "data.prefetch_factor must be >= 1")

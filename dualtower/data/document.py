@@ -6,8 +6,9 @@ Shape legend:
     S   tile side
 
 Building a document from a raw sample is where bad input is handled: every problem either converts the input
-(image modes, stripped placeholder text, dropped empty turns, truncated conversations; counted in `events`) or
-raises SampleError with a short machine-readable reason (counted as a drop by the loader).
+(image modes, missing images left out, stripped placeholder text, repaired unicode, dropped empty turns,
+truncated conversations; counted in `events`) or raises SampleError with a short machine-readable reason
+(counted as a drop by the loader).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from PIL import Image
 from torch import Tensor
 
 from dualtower.batch import IGNORE_INDEX
-from dualtower.data.chat import assemble, encode_prompt, encode_segments
+from dualtower.data.chat import assemble, encode_prompt, encode_segments, strip_image_tokens
 from dualtower.data.images import (
     ImageLoadError,
     ImageProcessor,
@@ -215,7 +216,7 @@ def clean_turns(texts: Any, events: Counter) -> list[dict[str, str]]:
     if texts is None:
         raise SampleError("no_turns", "no texts field")
     if isinstance(texts, Mapping):
-        texts = [texts]
+        texts = _turns_of_columns(texts) if _is_columnar(texts) else [texts]
     if not isinstance(texts, (list, tuple)):
         raise SampleError("bad_schema", f"texts is a {type(texts).__name__}")
     turns = []
@@ -223,11 +224,11 @@ def clean_turns(texts: Any, events: Counter) -> list[dict[str, str]]:
         if not isinstance(turn, Mapping):
             events["turn_dropped"] += 1
             continue
-        user, answer = _text(turn.get("user")), _text(turn.get("assistant"))
-        if not answer.strip():
+        user, answer = _text(turn.get("user"), events), _text(turn.get("assistant"), events)
+        if not strip_image_tokens(answer).strip():  # an answer of literal placeholders only is empty too
             events["turn_dropped"] += 1
             continue
-        if IMAGE_TOKEN in user or IMAGE_TOKEN in answer:
+        if IMAGE_TOKEN in user or IMAGE_TOKEN in answer:  # removed when the messages are built
             events["image_token_stripped"] += 1
         turns.append({"user": user, "assistant": answer})
     if not turns:
@@ -235,8 +236,38 @@ def clean_turns(texts: Any, events: Counter) -> list[dict[str, str]]:
     return turns
 
 
-def _text(value: Any) -> str:
-    return "" if value is None else str(value)
+def _is_columnar(texts: Mapping) -> bool:
+    """`datasets.Sequence` of a struct stores turns as columns: {"user": [...], "assistant": [...]}."""
+    return any(isinstance(value, (list, tuple)) for value in texts.values())
+
+
+def _turns_of_columns(texts: Mapping) -> list[dict[str, Any]]:
+    columns = {key: value if isinstance(value, (list, tuple)) else [value] for key, value in texts.items()}
+    count = max(len(column) for column in columns.values())
+    return [{key: column[i] if i < len(column) else None for key, column in columns.items()} for i in range(count)]
+
+
+def _text(value: Any, events: Counter) -> str:
+    """The text of a turn as encodable Unicode (the tokenizer rejects anything else with an opaque TypeError).
+
+    Bytes are read as UTF-8; surrogates (UTF-16 halves that JSON escapes can leave in a str) are joined into
+    their character when paired, else replaced by U+FFFD. Each repair is counted as `text_repaired`.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            events["text_repaired"] += 1
+            return bytes(value).decode("utf-8", "replace")
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        events["text_repaired"] += 1
+        text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
 
 
 def _check_images(raw: Any, limits: DocumentLimits, events: Counter) -> tuple[list[Any], list[tuple[int, int]]]:
@@ -245,7 +276,10 @@ def _check_images(raw: Any, limits: DocumentLimits, events: Counter) -> tuple[li
         raw = []
     elif not isinstance(raw, (list, tuple)):
         raw = [raw]
-    raw = [item for item in raw if item is not None]
+    present = [item for item in raw if item is not None]
+    if len(present) < len(raw):  # the sample keeps its other images, but it is no longer the one in the source
+        events["image_missing"] += len(raw) - len(present)
+    raw = present
     if not raw and not limits.allow_text_only:
         raise SampleError("no_images")
     if limits.max_images is not None and len(raw) > limits.max_images:

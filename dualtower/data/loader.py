@@ -7,7 +7,8 @@ buffer, its counters) to every batch. The torch DataLoader returns batches round
 loader knows, for the batches actually handed out, each worker's exact state: `state_dict()` is that, and a
 restored loader re-reads the buffered documents by key and continues with exactly the batches an
 uninterrupted loader would have produced (physical workers are rotated so the next batch comes from the right
-logical worker).
+logical worker). The DataLoader's round-robin skips workers that ran out (a finite split's shards end at
+different times), so whose turn it is follows the worker of the last batch handed out, not a batch count.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Loader:
         self.source = build_source(data_cfg, split)
         self._states: dict[int, dict[str, Any]] = {}
         self._delivered = 0
+        self._next_worker = 0  # logical worker after the one of the last batch handed out
         self._finished = False  # a finite pass ended: its stats stay readable, the next iteration starts over
 
     def pipeline(self, logical_worker: int, state: dict[str, Any] | None) -> ShardPipeline:
@@ -77,9 +79,8 @@ class Loader:
 
     def __iter__(self) -> Iterator[PackedBatch]:
         if self._finished:
-            self._states, self._delivered, self._finished = {}, 0, False
-        rotation = self._delivered % self.num_logical_workers
-        dataset = _WorkerDataset(self, copy.deepcopy(self._states), rotation)
+            self._states, self._delivered, self._next_worker, self._finished = {}, 0, 0, False
+        dataset = _WorkerDataset(self, copy.deepcopy(self._states), self._next_worker)
         workers = self.cfg.num_workers
         loader = DataLoader(
             dataset,
@@ -91,8 +92,10 @@ class Loader:
             multiprocessing_context=(self.cfg.worker_start_method or None) if workers else None,
         )
         for batch, state in loader:
-            self._states[state.pop("worker")] = state
+            worker = state.pop("worker")
+            self._states[worker] = state
             self._delivered += 1
+            self._next_worker = (worker + 1) % self.num_logical_workers
             yield batch
         self._finished = not self.infinite
 
@@ -114,6 +117,7 @@ class Loader:
             "num_logical_workers": self.num_logical_workers,
             "pack": self.cfg.pack,
             "delivered": self._delivered,
+            "next_worker": self._next_worker,
             "finished": self._finished,
             "workers": {str(k): copy.deepcopy(v) for k, v in self._states.items()},
         }
@@ -124,6 +128,7 @@ class Loader:
             "split": self.split,
             "seed": self.cfg.seed,
             "world_size": self.world_size,
+            "rank": self.rank,  # another rank's positions would read this rank's shards from the wrong places
             "num_logical_workers": self.num_logical_workers,
             "pack": self.cfg.pack,
         }
@@ -131,6 +136,8 @@ class Loader:
         if mismatched:
             raise ValueError(f"loader state does not fit this loader (saved, current): {mismatched}")
         self._delivered = int(state["delivered"])
+        # States without it (older ones) come from loaders whose workers all had data: the turn is the count's.
+        self._next_worker = int(state.get("next_worker", self._delivered % self.num_logical_workers))
         self._finished = bool(state.get("finished", False))
         self._states = {int(k): copy.deepcopy(v) for k, v in state["workers"].items()}
 

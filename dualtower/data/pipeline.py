@@ -158,8 +158,11 @@ class ShardPipeline:
             if not self.infinite:
                 self.exhausted = True
                 return
-            if whole_epoch and not produced:
-                raise RuntimeError(f"shard {self.shard} of {self.num_shards} has no usable sample in a whole epoch")
+            if whole_epoch and not produced:  # another epoch would spin forever; say what went wrong
+                raise RuntimeError(
+                    f"shard {self.shard} of {self.num_shards} has no usable sample in a whole epoch "
+                    f"(dropped so far, by reason: {dict(self.stats.dropped) or 'none: the shard is empty'})"
+                )
             self.epoch, self.position = self.epoch + 1, 0
 
     def _build(self, sample: Any, stats: LoaderStats | None) -> PreparedDocument | None:
@@ -200,7 +203,8 @@ class ShardPipeline:
         }
         for epoch, position, born in state["buffer"]:
             doc = self._build(samples.get((int(epoch), int(position))), None)
-            if doc is None:
+            if doc is None:  # read before the save, so counted as read: count it as dropped too
+                self.stats.dropped["gone_on_resume"] += 1
                 logger.warning("resume: buffered sample (%d, %d) is gone; batches will differ", epoch, position)
                 continue
             self.packer.buffer.append(Item((int(epoch), int(position)), doc.num_tokens, doc.num_tiles, doc, int(born)))

@@ -181,11 +181,15 @@ def _build_runner(
 
 
 def _batch_size(value: int | str) -> int:
+    """An integer >= 1; lmms-eval's "auto" / "auto:N" (or any other non-integer) fall back to 32."""
     try:
-        return max(1, int(value))
+        size = int(value)
     except (TypeError, ValueError):
         logger.warning("dualtower plugin: batch_size=%r is not an integer; using 32", value)
         return 32
+    if size < 1:
+        raise ValueError(f"dualtower plugin: batch_size must be >= 1, got {value!r}")
+    return size
 
 
 def _device(device: str | None) -> str:

@@ -25,8 +25,9 @@ from PIL import Image
 from dualtower.batch import IGNORE_INDEX
 from dualtower.data.collate import collate
 from dualtower.data.document import Document, document_from_prompt
-from dualtower.data.images import ImageProcessor
+from dualtower.data.images import ImageProcessor, load_image
 from dualtower.generation import Generator, PreparedPrompt, SamplingConfig
+from dualtower.generation.prefix_cache import image_digest
 from dualtower.hub import parse_dtype
 
 logger = logging.getLogger(__name__)
@@ -168,14 +169,17 @@ class EvalModel:
 
         architecture: for nanoVLM checkpoints, as in `DualTowerVLM.from_pretrained` ("vanilla" keeps them whole).
         """
+        from dualtower.adapters.common import resolve_source
         from dualtower.model import DualTowerVLM
         from dualtower.tokenizer import load_tokenizer
 
         device = torch.device(default_device() if device is None else device)
+        # Resolved once: a Hub id becomes its downloaded snapshot, which holds the checkpoint's tokenizer files.
+        path = resolve_source(source)
         model = DualTowerVLM.from_pretrained(
-            source, device=device, dtype=resolve_dtype(dtype, device), architecture=architecture
+            path, device=device, dtype=resolve_dtype(dtype, device), architecture=architecture
         )
-        checkpoint_dir = source if Path(source).is_dir() else None
+        checkpoint_dir = path if path.is_dir() else path.parent
         tokenizer = load_tokenizer(checkpoint_dir=checkpoint_dir, tokenizer_id=tokenizer_id or model.cfg.tokenizer_id)
         return cls(model, tokenizer, **kwargs)
 
@@ -184,10 +188,15 @@ class EvalModel:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
 
-    def prompt_document(self, prompt: EvalPrompt) -> Document:
-        """The inference document of a prompt: images + user turn + assistant header (+ assistant prefix)."""
+    @staticmethod
+    def prompt_images(prompt: EvalPrompt) -> list[Image.Image]:
+        """The prompt's images, decoded (RGB)."""
         images = prompt.images() if callable(prompt.images) else prompt.images
-        images = [to_image_input(v) for v in flatten_visuals(list(images))]
+        return [load_image(to_image_input(v)) for v in flatten_visuals(list(images))]
+
+    def prompt_document(self, prompt: EvalPrompt, images: list[Image.Image] | None = None) -> Document:
+        """The inference document of a prompt: images + user turn + assistant header (+ assistant prefix)."""
+        images = self.prompt_images(prompt) if images is None else images
         document = document_from_prompt(images, prompt.text, self.processor, self.tokenizer, self.cfg)
         if not prompt.assistant_prefix:
             return document
@@ -230,9 +239,12 @@ class EvalModel:
         return replace(sampling, max_new_tokens=room)
 
     def _prepared(self, prompt: EvalPrompt) -> PreparedPrompt:
-        document = self.prompt_document(prompt)
+        images = self.prompt_images(prompt)
+        document = self.prompt_document(prompt, images)
         self._check_length(document.num_tokens, "prompt")
-        return PreparedPrompt(document.input_ids, document.tiles, document.prefix_len)
+        # The prefix cache keys by the decoded images' pixels, not by the tiles: up to 17 fp32 tiles (53 MB)
+        # would be hashed per prompt otherwise.
+        return PreparedPrompt(document.input_ids, document.tiles, document.prefix_len, image_digest(images))
 
     # -- log-likelihood -----------------------------------------------------------------------------------
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from os import PathLike
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from dualtower.generation.prefix_cache import PrefixKey, image_digest, tensor_digest
@@ -20,10 +22,16 @@ from dualtower.generation.prefix_cache import PrefixKey, image_digest, tensor_di
 
 @dataclass
 class GenerationRequest:
-    """One conversation turn: images (paths, bytes or PIL images; may be empty) and the user's question."""
+    """One conversation turn: images (paths, bytes or PIL images; may be empty; a single one may be given bare)
+    and the user's question."""
 
     images: list[Any]
     prompt: str
+
+    def __post_init__(self) -> None:
+        # One source given bare is one image: iterating a path (or bytes) would read each character as an image.
+        single = isinstance(self.images, str | PathLike | bytes | bytearray | dict | Image.Image)
+        self.images = [self.images] if single else list(self.images)
 
 
 @dataclass

@@ -52,10 +52,12 @@ class SamplingConfig:
     top_k: int = 50  # <= 0 disables top-k
     top_p: float = 0.9  # >= 1 disables top-p
     seed: int | None = None  # None: draw from torch's global generator (not reproducible)
-    stop_strings: tuple[str, ...] = field(default_factory=tuple)
+    stop_strings: tuple[str, ...] = field(default_factory=tuple)  # a single str is one stop string (as in HF)
 
     def __post_init__(self) -> None:
-        self.stop_strings = tuple(self.stop_strings)
+        # tuple("ab") would be the stop strings "a" and "b": a lone string is one stop string.
+        stops = self.stop_strings
+        self.stop_strings = (stops,) if isinstance(stops, str) else tuple(stops)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.do_sample:

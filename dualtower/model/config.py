@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -136,20 +137,22 @@ def _require(condition: bool, message: str) -> None:
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    """Build a (nested) dataclass from a dict; unknown keys are an error that names them."""
+    """Build a (nested) dataclass from a dict; unknown keys and values of the wrong type are errors that name
+    them (a config.json with `"n_heads": "4"` would otherwise fail later, deep inside the model)."""
+    from dualtower.typed_fields import coerce  # it imports this module
+
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"unknown key(s) in [{where}]: {', '.join(unknown)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
         default = known[name].default_factory() if callable(known[name].default_factory) else None
         if is_dataclass(default) and isinstance(value, dict):
             kwargs[name] = _build(type(default), value, f"{where}.{name}")
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value)
         else:
-            kwargs[name] = value
+            kwargs[name] = coerce(value, hints[name], f"{where}.{name}")
     return cls(**kwargs)
 
 

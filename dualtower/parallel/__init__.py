@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dualtower.model.config import ConfigError
 from dualtower.parallel.ac import apply_ac
 from dualtower.parallel.compile import apply_compile
 from dualtower.parallel.fsdp import apply_fsdp, set_gradient_sync
@@ -33,12 +34,13 @@ def _mixed_precision_dtype(setting: str, device: torch.device) -> torch.dtype | 
 
 def parallelize(model: nn.Module, parallel_cfg, env: DistEnv) -> ParallelPlan:
     """Apply [parallel] to `model` in place. FSDP needs torchrun (a process group); without it a single
-    process trains the plain module, with bf16 autocast where mixed precision is on."""
+    process trains the plain module, with bf16 autocast where mixed precision is on. A setting this world cannot
+    run is a ConfigError (a ValueError), which train/main.py reports in one line."""
     use_fsdp = {"auto": env.world_size > 1, "on": True, "off": False}[parallel_cfg.fsdp]
     if use_fsdp and env.mesh is None:
-        raise ValueError("parallel.fsdp = 'on' needs a process group: launch with torchrun")
+        raise ConfigError("parallel.fsdp = 'on' needs a process group: launch with torchrun")
     if env.world_size > 1 and not use_fsdp:
-        raise ValueError("several ranks need parallel.fsdp = 'auto' or 'on' (no other data parallelism)")
+        raise ConfigError("several ranks need parallel.fsdp = 'auto' or 'on' (no other data parallelism)")
     low_precision = _mixed_precision_dtype(parallel_cfg.mixed_precision, env.device)
     if parallel_cfg.activation_checkpointing:
         apply_ac(model)

@@ -2,7 +2,7 @@
 
 A checkpoint is a directory `step_XXXXXXXX/` holding
     DCP shards + .metadata      model and optimizer state (sharded under FSDP; loads on any number of ranks)
-    train_state.json            step, scheduler, skipped-step counters, world size (rank 0)
+    train_state.json            step, scheduler, skipped-step counters, world size, param groups (rank 0)
     rank_XXXXX.pt               each rank's data-loader state and RNG states
 It is written to `.tmp_step_XXXXXXXX/` and renamed when every rank has finished, so a crash mid-save never
 leaves a partial `step_*` directory and the previous checkpoint stays intact (a save first removes the debris of
@@ -39,9 +39,11 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
+from dualtower.adapters.common import CheckpointError
 from dualtower.model import DualTowerVLM, ModelConfig
 from dualtower.parallel import DistEnv, barrier
 
@@ -108,6 +110,7 @@ class Checkpointer:
         if self.env.is_main:
             state = {**train_state, "step": step, "scheduler": scheduler.state_dict()}
             state["world_size"] = self.env.world_size
+            state["param_groups"] = param_group_layout(optimizer)
             _write_json(tmp / "train_state.json", state)
         barrier()
         if self.env.is_main:
@@ -157,17 +160,29 @@ class Checkpointer:
 
         The optimizer's and scheduler's hyperparameters stay those of the config they were built from.
         """
+        train_state = json.loads((path / "train_state.json").read_text())
+        check_param_groups(train_state, optimizer, path)
         configured = [{key: group[key] for key in HYPERPARAMETERS} for group in optimizer.param_groups]
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         with _single_process_quiet():
             dcp.load(state, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        train_state = json.loads((path / "train_state.json").read_text())
         scheduler.load_state_dict(train_state["scheduler"])
         reapply_hyperparameters(optimizer, scheduler, configured)
         self._load_rank_state(path, train_state["world_size"], loader)
         logger.info("resumed from %s at step %d", path, train_state["step"])
+        return train_state
+
+    def load_model(self, path: Path, model: nn.Module) -> dict[str, Any]:
+        """Restore only the model's weights (to export them): the optimizer's layout may differ from the
+        checkpoint's, as when the config now freezes another tower. Returns train_state (with "step")."""
+        train_state = json.loads((path / "train_state.json").read_text())
+        state = {"model": get_model_state_dict(model)}
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(model, state["model"])
+        logger.info("loaded the model of %s (step %d)", path, train_state["step"])
         return train_state
 
     def _load_rank_state(self, path: Path, saved_world: int, loader) -> None:
@@ -188,6 +203,33 @@ class Checkpointer:
             logger.warning("cannot re-shard the data position of %d ranks onto %d: the data stream restarts", *shape)
             return
         loader.load_state_dict(state)
+
+
+def param_group_layout(optimizer) -> list[list[Any]]:
+    """[name, number of parameters] per param group: what the optimizer state of a checkpoint is laid out by."""
+    return [[group.get("name", str(i)), len(group["params"])] for i, group in enumerate(optimizer.param_groups)]
+
+
+def check_param_groups(train_state: dict[str, Any], optimizer, path: Path) -> None:
+    """Refuse a checkpoint whose optimizer state belongs to other parameter groups (other towers trained).
+
+    Freezing follows the per-tower LRs, so a tower's LR changed from or to 0 changes the groups; the Adam state
+    then has no place to go and DCP would fail with an unrelated-looking missing-key error. (Checkpoints written
+    before the layout was recorded are not checked.)
+    """
+    saved = train_state.get("param_groups")
+    current = param_group_layout(optimizer)
+    if saved is None or [list(group) for group in saved] == current:
+        return
+    raise CheckpointError(
+        f"{path}: the checkpoint's parameter groups {_layout_text(saved)} differ from the config's "
+        f"{_layout_text(current)}: resuming needs the same trainable towers (optim.lr_* zero or not) and "
+        "optim.decay_norms_and_biases; to train other towers, start a new run from an export (model.checkpoint)"
+    )
+
+
+def _layout_text(layout: list) -> str:
+    return "[" + ", ".join(f"{name} ({count} tensors)" for name, count in layout) + "]"
 
 
 def reapply_hyperparameters(optimizer, scheduler, configured: list[dict[str, Any]]) -> None:
@@ -226,6 +268,9 @@ def reshard_loader_state(saved: list[dict], rank: int, world_size: int, current:
     workers = current["num_logical_workers"]
     if len(saved) * saved_workers != world_size * workers:
         return None
+    # The per-shard counts below assume the round-robin never skipped a worker (none ran out of data).
+    if any(s.get("next_worker", s["delivered"] % saved_workers) != s["delivered"] % saved_workers for s in saved):
+        return None
     per_shard = {}  # global shard -> (batches delivered from it, its pipeline state)
     for saved_rank, state in enumerate(saved):
         for w in range(saved_workers):
@@ -235,7 +280,8 @@ def reshard_loader_state(saved: list[dict], rank: int, world_size: int, current:
     counts = {count for count, _ in mine}
     if len(counts) != 1:
         return None
-    state = {**current, "delivered": counts.pop() * workers}
+    # Every shard delivered as many batches, so the round-robin starts over at logical worker 0.
+    state = {**current, "delivered": counts.pop() * workers, "next_worker": 0}
     state["workers"] = {str(w): s for w, (_, s) in enumerate(mine) if s is not None}
     return state
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dualtower.model import DualTowerVLM
+from dualtower.model.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.AdamW:
     impl = "fused" if optim_cfg.implementation == "auto" else optim_cfg.implementation
     groups = param_groups(model, optim_cfg)
     if not groups:
-        raise ValueError("no trainable parameters: every tower is frozen")
+        # Config validation sees only the LRs: e.g. optim.lr_right alone trains nothing in the vanilla architecture.
+        raise ConfigError("no trainable parameters: every tower of this architecture is frozen (optim.lr_* = 0)")
     return torch.optim.AdamW(
         groups,
         betas=tuple(optim_cfg.betas),

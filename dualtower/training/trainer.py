@@ -121,12 +121,9 @@ class Trainer:
 
     def train(self) -> int:
         """Run to training.steps optimizer steps (resuming if a checkpoint exists); returns the final step."""
-        resumed = self._resume()
         if self.parts.checkpointer.cfg.export_only:
-            if not resumed:
-                raise FileNotFoundError("checkpoint.export_only: no checkpoint to export (see checkpoint.resume)")
-            self.export()
-            return self.step
+            return self._export_only()
+        self._resume()
         batches = self._batch_stream()
         window = _Window()
         total = self.cfg.steps
@@ -295,6 +292,7 @@ class Trainer:
         return path
 
     def _resume(self) -> bool:
+        """Restore the latest checkpoint (checkpoint.resume); whether there was one."""
         path = self.parts.checkpointer.resume_path()
         if path is None:
             return False
@@ -310,6 +308,14 @@ class Trainer:
         self.skipped_total.fill_(state.get("skipped_total", 0))
         self.nonfinite_streak.fill_(state.get("nonfinite_streak", 0))
         return True
+
+    def _export_only(self) -> int:
+        path = self.parts.checkpointer.resume_path()
+        if path is None:
+            raise FileNotFoundError("checkpoint.export_only: no checkpoint to export (see checkpoint.resume)")
+        self.step = self.parts.checkpointer.load_model(path, self.model)["step"]
+        self.export()
+        return self.step
 
     def export(self, dest: Path | None = None) -> Path:
         """Write the model in the save_pretrained format (collective under FSDP)."""
