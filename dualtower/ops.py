@@ -153,21 +153,26 @@ _IMPLEMENTATIONS: dict[str, dict[str, Callable[..., Tensor]]] = {
 def set_backend(name: str | None, op: str | None = None) -> None:
     """Force a backend (one of BACKENDS) or None / "auto" for the automatic choice.
 
-    With `op`, only that op ("prefix_attention", "decode_attention", "linear_cross_entropy",
-    "pixel_shuffle_project") is affected; an op-level choice beats the global one and DUALTOWER_BACKEND.
+    Globally, None and "auto" both leave the choice to DUALTOWER_BACKEND, then to the automatic rule (a config's
+    default "auto" must not hide the environment variable). With `op`, only that op ("prefix_attention",
+    "decode_attention", "linear_cross_entropy", "pixel_shuffle_project") is affected and must implement the
+    backend; an op-level choice, "auto" included, beats the global one and DUALTOWER_BACKEND; None clears it.
     """
     global _override
     if name is not None and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if op is not None and op not in _IMPLEMENTATIONS:
-        raise ValueError(f"unknown op {op!r}; choose one of {', '.join(_IMPLEMENTATIONS)}")
-    choice = None if name in (None, AUTO) else name
     if op is None:
-        _override = choice
-    elif choice is None:
+        _override = None if name == AUTO else name
+        return
+    if op not in _IMPLEMENTATIONS:
+        raise ValueError(f"unknown op {op!r}; choose one of {', '.join(_IMPLEMENTATIONS)}")
+    if name is None:
         _op_overrides.pop(op, None)
-    else:
-        _op_overrides[op] = choice
+        return
+    if name != AUTO and name not in _IMPLEMENTATIONS[op]:
+        # Named for this op alone, a backend it lacks would otherwise silently become the automatic choice.
+        raise ValueError(f"{op} has no {name!r} backend; choose one of auto, {', '.join(_IMPLEMENTATIONS[op])}")
+    _op_overrides[op] = name
 
 
 def is_available(backend: str, device: torch.device | str) -> bool:

@@ -27,12 +27,19 @@ from pathlib import Path
 from typing import Any
 
 # First match wins: communication kernels contain "reduce", optimizer kernels contain "adam" before "mul".
+# A label may come back: the first rule that matches a name decides.
 CATEGORIES = (
     ("communication", r"nccl|all_?reduce|reduce_?scatter|all_?gather"),
     ("attention", r"prefix_attn|decode_split|decode_combine|flash|fmha|attention|attn|sdpa"),
     ("cross-entropy", r"_ce_rows|cross_entropy|log_softmax|nll_loss|logsumexp"),
     ("projector", r"_project_|pixel_shuffle"),
     ("optimizer", r"adam|multi_tensor|foreach|optimizer"),
+    # Inductor names a kernel after the aten ops it fuses, and under autocast nearly every fusion holds a
+    # `_to_copy` (triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0 is an RMSNorm): a lone copy is memory, a
+    # GEMM template is matmul, any other fusion is elementwise / norm work whatever copy or index op it holds.
+    ("memory", r"^(triton_poi|cpp)_fused_(_to_copy|clone|copy|cat|constant_pad_nd|zeros|fill)_\d+$"),
+    ("matmul", r"^triton_tem_fused_\w*mm_"),
+    ("fused elementwise / norms", r"^(triton_(poi|red|per)|cpp)_fused_"),
     ("matmul", r"gemm|nvjet|xmma|cutlass|cublas|matmul|aten::mm\b|aten::bmm|aten::addmm|aten::linear|conv"),
     ("memory", r"memcpy|memset|copy|aten::cat\b|index|gather|scatter|fill|zero|aten::empty|contiguous"),
     ("fused elementwise / norms", r"triton_|rms|norm|silu|gelu|rotary|rope|elementwise|vectorized|reduce|mul|add"),

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 # Read once at import: tests/conftest.py sets TRITON_INTERPRET before anything imports this package.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -60,6 +61,20 @@ def check_triton_device(*tensors: torch.Tensor) -> None:
                 f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got a {t.device} tensor; "
                 "use the 'reference' backend instead"
             )
+
+
+def check_offsets(cu_text: Tensor, cu_prefix: Tensor) -> None:
+    """Prefix attention's cu_text / cu_prefix: one (B + 1,) integer tensor each, over the same B documents.
+
+    Metadata only (no host sync). The kernels read cu_prefix[doc + 1] for every document of cu_text.
+    """
+    integer = (torch.int32, torch.int64)
+    same_shape = cu_text.dim() == 1 and cu_text.numel() >= 1 and cu_text.shape == cu_prefix.shape
+    if not same_shape or not {cu_text.dtype, cu_prefix.dtype} <= set(integer):
+        raise ValueError(
+            f"cu_text {tuple(cu_text.shape)} {cu_text.dtype} and cu_prefix {tuple(cu_prefix.shape)} {cu_prefix.dtype} "
+            "must be (documents + 1,) int32 / int64 offsets of the same documents"
+        )
 
 
 @triton.jit

@@ -45,12 +45,13 @@ def decode_attention_reference(
 def _decode_split_kernel(
     Q, K, V, LENGTHS, PART_O, PART_LSE,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-    n_q_heads, group, split_len, n_splits, sm_scale,
+    n_q_heads, group, capacity, split_len, n_splits, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    length = tl.load(LENGTHS + row)
+    # A length past the capacity sees the whole cache (as the twin's mask does), never memory past it.
+    length = tl.minimum(tl.load(LENGTHS + row), capacity)
     start = split * split_len
     end = tl.minimum(start + split_len, length)
     offs_h = tl.arange(0, BLOCK_H)
@@ -125,13 +126,34 @@ def _split_plan(rows: int, kv_heads: int, capacity: int, device: torch.device, b
     return triton.cdiv(capacity, split_len), split_len
 
 
+def _check_inputs(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor) -> None:
+    """Shapes, dtypes and devices, from metadata only (no host sync: the step is captured in CUDA graphs).
+
+    The kernels index the caches by q's row and head dim and read one length per row: any mismatch would read
+    past a buffer or misread it, silently.
+    """
+    shapes = f"q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}, lengths {tuple(lengths.shape)}"
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"bad decode shapes: {shapes}")
+    rows, q_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    if kv_heads == 0 or q_heads % kv_heads or k_cache.shape[0] != rows or k_cache.shape[3] != head_dim:
+        raise ValueError(f"bad decode shapes: {shapes}")
+    if lengths.shape != (rows,) or lengths.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"lengths must be (rows,) int32 or int64, got {tuple(lengths.shape)} {lengths.dtype}")
+    if not q.dtype == k_cache.dtype == v_cache.dtype:
+        dtypes = f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+        raise ValueError(f"q, k_cache and v_cache must share one dtype, got {dtypes}")
+    if len({t.device for t in (q, k_cache, v_cache, lengths)}) != 1:
+        raise ValueError("q, k_cache, v_cache and lengths must be on one device")
+    check_triton_device(q, k_cache, v_cache)
+
+
 @torch.library.custom_op("dualtower::decode_attention", mutates_args=())
 def decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, scale: float) -> Tensor:
-    check_triton_device(q, k_cache, v_cache)
+    _check_inputs(q, k_cache, v_cache, lengths)
     rows, q_heads, head_dim = q.shape
     kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
-    if q_heads % kv_heads or k_cache.shape != v_cache.shape:
-        raise ValueError(f"bad decode shapes: q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
     # The kernels take any strides but the head dim's: copy only a tensor whose head dim is strided, never a
     # cache merely because it is a view (a copy of the whole cache would cost more than the attention).
     q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
@@ -147,7 +169,7 @@ def decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Te
     _decode_split_kernel[(rows, kv_heads, n_splits)](
         q, k_cache, v_cache, lengths, part_o, part_lse,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        q_heads, group, split_len, n_splits, scale,
+        q_heads, group, capacity, split_len, n_splits, scale,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         UPCAST=upcast_dots(q.dtype), PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2,
     )
@@ -166,6 +188,9 @@ def _(q, k_cache, v_cache, lengths, scale):
 def decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, scale: float | None = None
 ) -> Tensor:
-    """Split-K Triton decode; same signature and semantics as `decode_attention_reference` (lengths >= 1)."""
+    """Split-K Triton decode; same signature and semantics as `decode_attention_reference`.
+
+    A row of length 0 gives zeros (as the twin does), one longer than the cache sees the whole cache.
+    """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return decode_attention_op(q, k_cache, v_cache, lengths, scale)

@@ -55,42 +55,48 @@ def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, labels: Tenso
 
 @triton.jit
 def _ce_rows_kernel(LOGITS, LABELS, LOSS, n_cols, row_stride, ignore_index,
-                    WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One row: loss = logsumexp(x) - x[label]; optionally x <- softmax(x) - onehot(label), in place."""
+                    WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, WIDE: tl.constexpr):
+    """One row: loss = logsumexp(x) - x[label]; optionally x <- softmax(x) - onehot(label), in place.
+
+    WIDE is the arithmetic dtype: fp32, or fp64 for fp64 logits (whose loss and gradients are fp64 in the twin).
+    """
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * row_stride
     label = tl.load(LABELS + row)
     cols = tl.arange(0, BLOCK_V)
     # Pass 1: a running max and rescaled sum per lane (no reduction inside the loop), merged at the end.
     # The finite start keeps fully masked lanes at exp(-inf) = 0 instead of exp(-inf + inf) = nan.
-    m = tl.full([BLOCK_V], -1.0e30, tl.float32)
-    s = tl.zeros([BLOCK_V], tl.float32)
+    m = tl.full([BLOCK_V], -1.0e30, WIDE)
+    s = tl.zeros([BLOCK_V], WIDE)
     for v0 in range(0, n_cols, BLOCK_V):
-        x = tl.load(base + v0 + cols, mask=v0 + cols < n_cols, other=-float("inf")).to(tl.float32)
+        x = tl.load(base + v0 + cols, mask=v0 + cols < n_cols, other=-float("inf")).to(WIDE)
         m_new = tl.maximum(m, x)
         s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
         m = m_new
     row_max = tl.max(m, 0)
     lse = row_max + tl.log(tl.sum(s * tl.exp(m - row_max), 0))
     valid = label != ignore_index
-    target = tl.load(base + label, mask=valid, other=0.0).to(tl.float32)
+    target = tl.load(base + label, mask=valid, other=0.0).to(WIDE)
     tl.store(LOSS + row, tl.where(valid, lse - target, 0.0))
     if WRITE_GRAD:
         for v0 in range(0, n_cols, BLOCK_V):
             in_row = v0 + cols < n_cols
-            x = tl.load(base + v0 + cols, mask=in_row, other=0.0).to(tl.float32)
+            x = tl.load(base + v0 + cols, mask=in_row, other=0.0).to(WIDE)
             grad = tl.exp(x - lse) - tl.where(v0 + cols == label, 1.0, 0.0)
             grad = tl.where(valid, grad, 0.0)
             tl.store(base + v0 + cols, grad.to(LOGITS.dtype.element_ty), mask=in_row)
 
 
 def _ce_rows_triton(logits: Tensor, labels: Tensor, ignore_index: int, write_grad: bool) -> Tensor:
-    """Per-row fp32 losses of a (R, V) logits chunk; overwrites it with dlogits when write_grad."""
-    losses = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    """Per-row losses (fp32, fp64 for fp64 logits) of a (R, V) logits chunk; overwrites it with dlogits when
+    write_grad."""
+    wide = _loss_dtype(logits.dtype)
+    losses = torch.empty(logits.shape[0], dtype=wide, device=logits.device)
     block_v = 64 if INTERPRET else 4096
     _ce_rows_kernel[(logits.shape[0],)](
         logits, labels, losses, logits.shape[1], logits.stride(0), ignore_index,
-        WRITE_GRAD=write_grad, BLOCK_V=block_v, num_warps=1 if INTERPRET else 8,
+        WRITE_GRAD=write_grad, BLOCK_V=block_v, WIDE=tl.float64 if wide == torch.float64 else tl.float32,
+        num_warps=1 if INTERPRET else 8,
     )
     return losses
 
@@ -151,6 +157,9 @@ def linear_cross_entropy_fwd(
     """
     if triton_rows:
         check_triton_device(hidden, weight)
+    # Rows are picked by label: with fewer labels than rows the others would be dropped from the loss silently.
+    if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
+        raise ValueError(f"labels {tuple(labels.shape)} must hold one label per row of hidden {tuple(hidden.shape)}")
     ce_rows = _ce_rows_triton if triton_rows else _ce_rows_torch
     hidden, weight = hidden.contiguous(), weight.contiguous()
     # The Triton row pass would read another row's logit for a label outside the vocabulary; F.cross_entropy

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from dualtower_kernels._common import (
     autotune,
+    check_offsets,
     check_triton_device,
     dot_precision,
     row_offsets,
@@ -195,7 +196,14 @@ def _kernel_meta(q: Tensor, k: Tensor) -> dict:
     }
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor) -> None:
+def _check_inputs(
+    q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor, cu_text: Tensor, cu_prefix: Tensor
+) -> None:
+    """Shapes, dtypes and devices, from metadata only. The offsets' values are not read (a host sync): they must
+    start at 0 and never decrease, and cu_text[-1] / cu_prefix[-1] must not exceed the rows of q / k_prefix."""
+    check_offsets(cu_text, cu_prefix)
+    if any(t.dim() != 3 for t in (q, k, v, k_prefix, v_prefix)):
+        raise ValueError("q, k, v, k_prefix and v_prefix must be (tokens, heads, head_dim)")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
     same_tokens_and_dim = k.shape[0] == q.shape[0] and k.shape[2] == q.shape[2]
@@ -208,13 +216,15 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: T
     if len({t.dtype for t in (q, k, v, k_prefix, v_prefix)}) != 1:
         raise ValueError("q, k, v, k_prefix and v_prefix must share one dtype")
     check_triton_device(q, k, v, k_prefix, v_prefix)
+    if len({t.device for t in (q, k, v, k_prefix, v_prefix, cu_text, cu_prefix)}) != 1:
+        raise ValueError("q, k, v, k_prefix, v_prefix, cu_text and cu_prefix must be on one device")
 
 
 def _launch_forward(
     q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor, cu_text: Tensor, cu_prefix: Tensor,
     max_text_len: int, max_prefix_len: int, scale: float,
 ) -> tuple[Tensor, Tensor]:
-    _check_inputs(q, k, v, k_prefix, v_prefix)
+    _check_inputs(q, k, v, k_prefix, v_prefix, cu_text, cu_prefix)
     q, k, v, k_prefix, v_prefix = (t.contiguous() for t in (q, k, v, k_prefix, v_prefix))
     lse_shape = (q.shape[1], q.shape[0])
     n_docs = cu_text.shape[0] - 1
@@ -355,6 +365,8 @@ def prefix_attention(
     """Fused Triton kernel; same signature and semantics as `prefix_attention_reference`.
 
     max_text_len / max_prefix_len must be >= every document's text / prefix length (they size the grid).
+    cu_text / cu_prefix must start at 0, never decrease and end within the rows of q / k_prefix. Only their
+    shapes and dtypes are checked here (reading the values is a host sync); the twin checks the values too.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     args = (q, k, v, k_prefix, v_prefix, cu_text, cu_prefix, max_text_len, max_prefix_len, scale)

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 from torch.nn.functional import scaled_dot_product_attention
 
+from dualtower_kernels._common import check_offsets
+
 
 def prefix_attention_reference(
     q: Tensor,
@@ -97,7 +99,10 @@ class _Documents:
     """The packed buffers split per document (plus one trailing piece of padding rows in each buffer)."""
 
     def __init__(self, q, k, v, k_prefix, v_prefix, cu_text: Tensor, cu_prefix: Tensor) -> None:
+        check_offsets(cu_text, cu_prefix)
         text_bounds, prefix_bounds = cu_text.tolist(), cu_prefix.tolist()
+        _check_bounds("cu_text", text_bounds, q.shape[0])
+        _check_bounds("cu_prefix", prefix_bounds, k_prefix.shape[0])
         self.text_sizes = [b - a for a, b in itertools.pairwise(text_bounds)] + [q.shape[0] - text_bounds[-1]]
         self.prefix_sizes = [b - a for a, b in itertools.pairwise(prefix_bounds)] + [
             k_prefix.shape[0] - prefix_bounds[-1]
@@ -121,6 +126,12 @@ class _Documents:
         """(T, P+T): query j (text position P+j) sees keys 0 .. P+j, the prefix and the causal part of the text."""
         n_text, n_prefix = self.text_sizes[doc], self.prefix_sizes[doc]
         return torch.ones(n_text, n_prefix + n_text, dtype=torch.bool, device=self.device).tril(diagonal=n_prefix)
+
+
+def _check_bounds(name: str, bounds: list[int], rows: int) -> None:
+    """The twin reads the offsets on the host anyway: say what is wrong with them (the kernels cannot cheaply)."""
+    if bounds[0] != 0 or bounds[-1] > rows or any(b < a for a, b in itertools.pairwise(bounds)):
+        raise ValueError(f"{name} must start at 0, never decrease and end within the {rows} rows, got {bounds}")
 
 
 def _repeat_heads(x: Tensor, group: int) -> Tensor:

@@ -30,12 +30,18 @@ from dualtower_kernels._common import autotune, check_triton_device, dot_precisi
 def pixel_shuffle(x: Tensor, factor: int) -> Tensor:
     """(N, S, C) -> (N, S / f^2, C f^2); feature index = (dh * f + dw) * C + c, token index = h_out * side/f + w_out."""
     tiles, patches, width = x.shape
-    side = math.isqrt(patches)
-    if side * side != patches or side % factor:
-        raise ValueError(f"pixel_shuffle needs a square patch grid divisible by {factor}, got {patches} patches")
-    out_side = side // factor
+    out_side = _grid_side(patches, factor) // factor
     x = x.reshape(tiles, out_side, factor, out_side, factor, width).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(tiles, out_side * out_side, factor * factor * width)
+
+
+def _grid_side(patches: int, factor: int) -> int:
+    """Side of the square patch grid; raises unless it splits into factor x factor blocks."""
+    side = math.isqrt(patches)
+    # A factor below 1 would pass the divisibility test (-2 divides 4) and shuffle with negative strides.
+    if factor < 1 or side * side != patches or side % factor:
+        raise ValueError(f"pixel_shuffle needs a square patch grid divisible by factor {factor}, got {patches} patches")
+    return side
 
 
 def pixel_shuffle_project_reference(x: Tensor, weight: Tensor, factor: int) -> Tensor:
@@ -206,10 +212,11 @@ def _project_dw_kernel(
 
 
 def _geometry(x: Tensor, weight: Tensor, factor: int) -> dict:
+    if x.dim() != 3 or weight.dim() != 2:
+        raise ValueError(f"x must be (tiles, patches, width) and weight (out, features), got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
     tiles, patches, width = x.shape
-    side = math.isqrt(patches)
-    if side * side != patches or side % factor:
-        raise ValueError(f"pixel_shuffle needs a square patch grid divisible by {factor}, got {patches} patches")
+    side = _grid_side(patches, factor)
     if weight.shape[1] != width * factor * factor:
         raise ValueError(f"weight has {weight.shape[1]} input features, expected {width} * {factor}^2")
     if x.dtype != weight.dtype:

@@ -129,6 +129,7 @@ if [[ $mode == run ]]; then
         export DUALTOWER_TOKENIZER_DIR=$tokenizer_dir
     else
         echo "no tokenizer at $tokenizer_dir: the data benchmark and the recipe profile will be skipped (see --prepare)"
+        unset DUALTOWER_TOKENIZER_DIR  # one set to a folder without a tokenizer must not let them run anyway
     fi
     [[ -f $sampler_library ]] && export DUALTOWER_CSRC_LIBRARY=$PWD/$sampler_library
 fi
@@ -156,6 +157,8 @@ if [[ $mode == dry || -n ${DUALTOWER_TOKENIZER_DIR:-} ]]; then
         --model.tokenizer_id="$tokenizer_dir" --data.num_workers=4 --training.steps=6 --training.micro_batches=1 \
         --profile "--profile.steps=[6]" --checkpoint.enabled=false --checkpoint.export_final=false \
         --eval.at_end=false --metrics.wandb=false --metrics.progress=none --job.run_dir="$out_dir/profile_360m"
+elif [[ -z ${GPU_CHECK_STAGES:-} || ",$GPU_CHECK_STAGES," == *",profile_360m,"* ]]; then
+    statuses+=("profile_360m: skipped (no tokenizer at $tokenizer_dir; see --prepare)")
 fi
 bench_stage compiled 600 benchmarks -m "compiled and not slow" --ignore=benchmarks/bench_train.py
 [[ $mode == dry ]] && exit 0

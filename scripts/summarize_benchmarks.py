@@ -40,6 +40,7 @@ class Entry:
 class Results:
     entries: list[Entry] = field(default_factory=list)
     headers: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)  # files or lines left out (a stage killed mid-write)
 
 
 def _from_json(data: dict[str, Any], results: Results) -> None:
@@ -53,12 +54,27 @@ def _from_json(data: dict[str, Any], results: Results) -> None:
                                      bench["stats"]["median"], bench.get("extra_info", {})))
 
 
-def _from_jsonl(text: str, results: Results) -> None:
-    for line in text.splitlines():
-        if line.strip():
-            record = json.loads(line)
-            results.entries.append(Entry(record["name"], record.get("fullname", record["name"]),
-                                         record.get("group") or "", record["median_s"], record.get("extra_info", {})))
+def _record(line: str) -> Entry | None:
+    """One DUALTOWER_BENCH_LOG line, or None when it is not one (cut mid-write, or a line of another format)."""
+    try:
+        record = json.loads(line)
+        return Entry(record["name"], record.get("fullname", record["name"]), record.get("group") or "",
+                     record["median_s"], record.get("extra_info", {}))
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def _from_jsonl(path: Path, text: str, results: Results) -> None:
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    records = [(number, _record(line)) for number, line in lines]
+    if lines and not any(entry for _, entry in records):  # e.g. a --benchmark-json file cut mid-write
+        results.unreadable.append(f"{path}: no readable results")
+        return
+    for number, entry in records:
+        if entry is None:
+            results.unreadable.append(f"{path}:{number}: not a result line")
+        else:
+            results.entries.append(entry)
 
 
 def load(paths: list[Path]) -> Results:
@@ -68,12 +84,12 @@ def load(paths: list[Path]) -> Results:
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
-            _from_jsonl(text, results)  # several JSON documents, one per line
+            _from_jsonl(path, text, results)  # several JSON documents, one per line
             continue
         if isinstance(data, dict) and "benchmarks" in data:
             _from_json(data, results)
         else:
-            _from_jsonl(text, results)  # a JSONL file with a single line
+            _from_jsonl(path, text, results)  # a JSONL file with a single line
     seen: set[str] = set()
     unique = []
     for entry in results.entries:
@@ -87,9 +103,10 @@ def load(paths: list[Path]) -> Results:
 def _number(value: Any, digits: int = 3) -> str:
     if value is None or isinstance(value, bool) or not isinstance(value, int | float):
         return ""
-    if abs(value) >= 1000:
+    short = f"{value:.{digits}g}"
+    if abs(float(short)) >= 1000:  # also what rounds up to 1000 (999.7), which "g" would print as 1e+03
         return f"{value:,.0f}"
-    return f"{value:.{digits}g}"
+    return short
 
 
 def _versus(entry: Entry, fast_by_group: dict[str, Entry]) -> str:
@@ -150,7 +167,10 @@ def main(argv: list[str]) -> int:
         parser.print_usage(sys.stderr)
         print(f"error: not found: {', '.join(missing)}", file=sys.stderr)
         return 2
-    print(summarize(load(args.results)))
+    results = load(args.results)
+    for note in results.unreadable:
+        print(f"warning: left out {note}", file=sys.stderr)
+    print(summarize(results))
     return 0
 
 

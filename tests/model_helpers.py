@@ -78,6 +78,59 @@ def _rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:  # x (H, L, D)
     return x * cos + rotated * sin
 
 
+def _layer_norm(x: Tensor, norm, eps: float) -> Tensor:
+    centered = x - x.mean(-1, keepdim=True)
+    return centered * torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + eps) * norm.weight + norm.bias
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def _vit(vit, pixels: Tensor, cfg) -> Tensor:
+    """SigLIP's vision tower written out: (N, 3, S, S) -> (N, patches, C). Patches row-major, no CLS."""
+    p, width, heads = cfg.patch_size, cfg.hidden_dim, cfg.n_heads
+    tiles = pixels.shape[0]
+    patches = pixels.unfold(2, p, p).unfold(3, p, p)  # (N, 3, side, side, p, p)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(tiles, -1, 3 * p * p)
+    conv = vit.patch_embedding.conv
+    x = patches @ conv.weight.reshape(width, -1).t() + conv.bias + vit.patch_embedding.position_embedding
+    length, dim = x.shape[1], width // heads
+    for block in vit.blocks:
+        h = _layer_norm(x, block.ln1, cfg.ln_eps)
+        qkv = h @ block.attn.qkv_proj.weight.t() + block.attn.qkv_proj.bias
+        q, k, v = (t.reshape(tiles, length, heads, dim).transpose(1, 2) for t in qkv.split(width, -1))
+        probs = (q @ k.transpose(-1, -2) / math.sqrt(dim)).softmax(-1)  # no mask: every patch sees every patch
+        attn = (probs @ v).transpose(1, 2).reshape(tiles, length, width)
+        x = x + attn @ block.attn.out_proj.weight.t() + block.attn.out_proj.bias
+        h = _layer_norm(x, block.ln2, cfg.ln_eps)
+        mlp = block.mlp
+        x = x + _gelu_tanh(h @ mlp.fc1.weight.t() + mlp.fc1.bias) @ mlp.fc2.weight.t() + mlp.fc2.bias
+    return _layer_norm(x, vit.layer_norm, cfg.ln_eps)
+
+
+def _pixel_shuffle(x: Tensor, factor: int) -> Tensor:
+    """reference_spec.md 1.3: token h_out * (side / f) + w_out, feature (dh * f + dw) * C + c, taken from the
+    patch at row h_out * f + dh, column w_out * f + dw."""
+    side = math.isqrt(x.shape[1])
+    out_side = side // factor
+    h_out = torch.arange(out_side)[:, None]
+    w_out = torch.arange(out_side)[None, :]
+    groups = []
+    for dh in range(factor):
+        for dw in range(factor):
+            patch = ((h_out * factor + dh) * side + (w_out * factor + dw)).flatten()  # indexed by h_out, w_out
+            groups.append(x[:, patch])
+    return torch.cat(groups, -1)
+
+
+def image_features(model: DualTowerVLM, pixels: Tensor) -> Tensor:
+    """(N, 3, S, S) -> (N * tokens per tile, C_lm): ViT, pixel shuffle and projector, none of the model's code."""
+    vision = _vit(model.vision_encoder, pixels, model.cfg.vision)
+    shuffled = _pixel_shuffle(vision, model.cfg.image.pixel_shuffle_factor)
+    return (shuffled @ model.projector.proj.weight.t()).flatten(0, 1)
+
+
 def _layer(block, x: Tensor, positions: Tensor, mask: Tensor, cfg, kv_override=None):
     """One decoder layer with a dense boolean mask (L, L); returns output and this layer's (k, v)."""
     length, heads, kv_heads, dim = x.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -102,10 +155,13 @@ def _layer(block, x: Tensor, positions: Tensor, mask: Tensor, cfg, kv_override=N
 
 
 def original_text_hidden(model: DualTowerVLM, batch: PackedBatch) -> Tensor:
-    """Final-normed right-tower hidden states at text positions, computed as the original code does."""
+    """Final-normed right-tower hidden states at text positions, computed as the original code does.
+
+    Written without the model's forward code (only its parameters): the vision tower, projector and LM math
+    are spelled out here, so a test comparing the two can catch a mistake in any of them."""
     cfg = model.cfg.lm
     left, right = model.left_decoder, model.text_decoder
-    features = model.encode_images(batch.pixel_values).flatten(0, 1) if batch.pixel_values.numel() else None
+    features = image_features(model, batch.pixel_values) if batch.pixel_values.numel() else None
     cu_p, cu_t = batch.cu_prefix.tolist(), batch.cu_text.tolist()
     outputs, feature_offset = [], 0
     for doc in range(len(cu_t) - 1):

@@ -18,6 +18,9 @@ from dualtower.model.vision import VisionTransformer
 TOLERANCE = 1e-5
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
                    patch_size=8, layer_norm_eps=1e-6)  # fmt: skip
+# The parity tests use a LayerNorm eps that is not SigLIP's 1e-6 default, so an eps the adapter or the model
+# ignored shows up (1e-3 against 1e-6 moves the output by ~1e-3 here, 100x the tolerance).
+PARITY_VISION = {**TINY_VISION, "layer_norm_eps": 1e-3}
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=300, rope_theta=10000.0, rms_norm_eps=1e-6,
                   max_position_embeddings=256, tie_word_embeddings=True)  # fmt: skip
@@ -124,7 +127,7 @@ def assert_llama_parity(ours: LanguageModel, hf: torch.nn.Module, vocab: int, to
 
 @pytest.mark.parametrize("full_model", [False, True], ids=["vision-model", "full-siglip"])
 def test_vit_matches_siglip_vision_model(tmp_path: Path, full_model: bool) -> None:
-    vision_cfg = SiglipVisionConfig(**TINY_VISION)
+    vision_cfg = SiglipVisionConfig(**PARITY_VISION)
     hf = SiglipVisionModel(vision_cfg).eval()
     perturb(hf)
     if full_model:  # a full SigLIP checkpoint: vision_model.* keys beside a text tower
@@ -136,6 +139,7 @@ def test_vit_matches_siglip_vision_model(tmp_path: Path, full_model: bool) -> No
     else:
         hf.save_pretrained(tmp_path)
     cfg, state = load_siglip_vision(tmp_path)
+    assert cfg.ln_eps == PARITY_VISION["layer_norm_eps"]
     ours = VisionTransformer(cfg).eval()
     load_into(ours, state, "test")
     pixels = torch.rand(3, 3, 32, 32)
@@ -144,6 +148,38 @@ def test_vit_matches_siglip_vision_model(tmp_path: Path, full_model: bool) -> No
         got = ours(pixels)
     assert got.shape == expected.shape == (3, 16, 32)
     assert (got - expected).abs().max().item() <= TOLERANCE
+
+
+def test_vit_gradients_match_siglip_vision_model(tmp_path: Path) -> None:
+    """Backward too, in fp64: input and parameter gradients (q/k/v of the fused projection compared apart)."""
+    hf = SiglipVisionModel(SiglipVisionConfig(**PARITY_VISION)).double()
+    perturb(hf)
+    hf.save_pretrained(tmp_path)
+    cfg, state = load_siglip_vision(tmp_path)
+    ours = VisionTransformer(cfg).double()
+    load_into(ours, state, "test")
+    pixels = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    weights = torch.randn(2, 16, 32, dtype=torch.float64)
+    grads = {}
+    for name, run in (("ours", ours), ("hf", lambda x: hf(pixel_values=x).last_hidden_state)):
+        x = pixels.clone().requires_grad_()
+        (run(x) * weights).sum().backward()
+        grads[name] = x.grad
+    torch.testing.assert_close(grads["ours"], grads["hf"], atol=1e-10, rtol=0)
+    vision = getattr(hf, "vision_model", hf)  # transformers 5 dropped the wrapper level
+    for i, block in enumerate(ours.blocks):
+        hf_attn = vision.encoder.layers[i].self_attn
+        expected = torch.cat([hf_attn.q_proj.weight.grad, hf_attn.k_proj.weight.grad, hf_attn.v_proj.weight.grad])
+        torch.testing.assert_close(block.attn.qkv_proj.weight.grad, expected, atol=1e-10, rtol=0)
+        torch.testing.assert_close(block.mlp.fc1.weight.grad, vision.encoder.layers[i].mlp.fc1.weight.grad,
+                                   atol=1e-10, rtol=0)  # fmt: skip
+    embeddings = vision.embeddings
+    torch.testing.assert_close(ours.patch_embedding.conv.weight.grad, embeddings.patch_embedding.weight.grad,
+                               atol=1e-10, rtol=0)  # fmt: skip
+    torch.testing.assert_close(ours.patch_embedding.position_embedding.grad[0],
+                               embeddings.position_embedding.weight.grad, atol=1e-10, rtol=0)  # fmt: skip
+    torch.testing.assert_close(ours.layer_norm.weight.grad, vision.post_layernorm.weight.grad,
+                               atol=1e-10, rtol=0)  # fmt: skip
 
 
 # -- language model -----------------------------------------------------------------------------------------
@@ -155,6 +191,52 @@ def test_lm_matches_llama_on_packed_batch(tmp_path: Path) -> None:
     ours = load_language_model(tmp_path).eval()
     assert ours.cfg.rope_theta == 10000.0 and ours.cfg.rms_eps == 1e-6 and ours.cfg.vocab_size == 366
     assert_llama_parity(ours, hf, vocab=300, tolerance=TOLERANCE)
+
+
+# ours -> transformers' names inside one decoder layer, written here rather than taken from the adapter it checks
+OURS_TO_HF_LAYER = {
+    "norm1": "input_layernorm",
+    "attn.q_proj": "self_attn.q_proj",
+    "attn.k_proj": "self_attn.k_proj",
+    "attn.v_proj": "self_attn.v_proj",
+    "attn.out_proj": "self_attn.o_proj",
+    "norm2": "post_attention_layernorm",
+    "mlp.gate_proj": "mlp.gate_proj",
+    "mlp.up_proj": "mlp.up_proj",
+    "mlp.down_proj": "mlp.down_proj",
+}
+
+
+def test_lm_gradients_match_llama_on_packed_batch(tmp_path: Path) -> None:
+    """Backward too: every parameter's gradient of a packed batch (non-default theta and eps, GQA) equals
+    transformers' summed over the documents run one at a time. fp64 models, but transformers' Llama computes
+    its RMSNorm statistics, softmax and RoPE angles in fp32 whatever the dtype, hence a relative tolerance at
+    fp32 rounding (measured 3e-7 of each gradient's largest entry)."""
+    hf = tiny_llama().double()
+    hf.save_pretrained(tmp_path)
+    ours = load_language_model(tmp_path).double()
+    generator = torch.Generator().manual_seed(2)
+    sequences = [torch.randint(0, 300, (n,), generator=generator) for n in (5, 11, 8)]
+    weights = torch.randn(24, 300, dtype=torch.float64, generator=generator)
+    tokens = torch.cat(sequences)
+    cu = torch.tensor([0, 5, 16, 24], dtype=torch.int32)
+    positions = torch.cat([torch.arange(len(s)) for s in sequences])
+    hidden = ours(ours.token_embedding(tokens), positions, cu, 11)
+    (ours.head(hidden)[:, :300] * weights).sum().backward()
+    hf_logits = torch.cat([hf(s[None]).logits[0] for s in sequences])
+    (hf_logits * weights).sum().backward()
+
+    def close(ours_grad: torch.Tensor, hf_grad: torch.Tensor, name: str) -> None:
+        error = ((ours_grad - hf_grad).abs().max() / hf_grad.abs().max()).item()
+        assert error <= 1e-5, f"{name}: max error {error:.2e} of the largest gradient entry"
+
+    close(ours.token_embedding.weight.grad[:300], hf.model.embed_tokens.weight.grad, "embedding (tied head)")
+    assert ours.token_embedding.weight.grad[300:].abs().max() == 0  # the extra rows are neither read nor scored
+    close(ours.norm.weight.grad, hf.model.norm.weight.grad, "norm")
+    for i, block in enumerate(ours.blocks):
+        for name, hf_name in OURS_TO_HF_LAYER.items():
+            hf_grad = hf.model.layers[i].get_submodule(hf_name).weight.grad
+            close(block.get_submodule(name).weight.grad, hf_grad, f"blocks.{i}.{name}")
 
 
 def test_tiny_gguf_matches_transformers_gguf_loader(tmp_path: Path) -> None:

@@ -1,10 +1,13 @@
-"""The prefix cache's keys and byte accounting, as units: image digests and re-putting a key."""
+"""The prefix cache's keys and byte accounting (image digests, re-putting a key) and its invalidation when the
+left tower's weights change."""
 
 from __future__ import annotations
 
 import torch
 from PIL import Image
+from test_generation import make_prompt, varied_debug_model
 
+from dualtower.generation import Generator, SamplingConfig
 from dualtower.generation.prefix_cache import PrefixCache, image_digest
 
 
@@ -30,3 +33,22 @@ def test_re_putting_a_key_counts_its_bytes_once() -> None:
     # The budget holds two entries: a second key fits without evicting the re-put one.
     cache.put(("img", "other"), first)
     assert len(cache) == 2 and cache.stats.evictions == 0 and cache.stats.bytes_used == 2 * size
+
+
+def test_the_cache_is_emptied_when_the_left_towers_weights_change() -> None:
+    """K/V cached before an optimizer step (or a load) are those of the old weights: they must not be reused."""
+    model = varied_debug_model()
+    prompt = make_prompt(model, 2, 1, 6, seed=3)
+    greedy = SamplingConfig(max_new_tokens=4)
+    engine = Generator(model, eos_token_ids=())
+    engine.generate_prepared([prompt], greedy)
+    engine.generate_prepared([prompt], greedy)
+    assert engine.stats.prefix_cache_hits == 1  # unchanged weights keep their entries
+    with torch.no_grad():
+        for parameter in model.left_decoder.parameters():
+            parameter.mul_(1.5)
+    after = engine.generate_prepared([prompt], greedy, return_logits=True)
+    assert (engine.stats.prefix_cache_hits, engine.stats.prefix_cache_misses) == (0, 1)
+    fresh = Generator(model, eos_token_ids=(), prefix_cache_bytes=0)
+    expected = fresh.generate_prepared([prompt], greedy, return_logits=True)
+    assert torch.equal(after[0].logits, expected[0].logits)

@@ -38,7 +38,13 @@ from dualtower.generation.kv_cache import (
     prefill,
 )
 from dualtower.generation.left_batch import chunks_by_tiles, left_tower_batch
-from dualtower.generation.prefix_cache import PrefixCache, PrefixKey, tensor_digest
+from dualtower.generation.prefix_cache import (
+    PrefixCache,
+    PrefixKey,
+    left_tower_parameters,
+    tensor_digest,
+    weights_version,
+)
 from dualtower.generation.requests import (
     GenerationRequest,
     GenerationResult,
@@ -96,6 +102,8 @@ class Generator:
         weight = model.text_decoder.token_embedding.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self._left_parameters = left_tower_parameters(model)
+        self._cached_weights_version = weights_version(self._left_parameters)
         on_cuda = self.device.type == "cuda"
         self.compile = on_cuda if compile is None else compile
         self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
@@ -202,6 +210,7 @@ class Generator:
 
     def _prefix_kv(self, prompts: Sequence[PreparedPrompt], stats: GenerationStats) -> list[Tensor]:
         """(L, 2, P, Hkv, D) per prompt: from the prefix cache, or one left-tower pass for all misses."""
+        self._drop_stale_prefixes()
         entries: list[Tensor | None] = [None] * len(prompts)
         pending: dict[PrefixKey, list[int]] = {}  # key -> prompts sharing it (computed once)
         for index, prompt in enumerate(prompts):
@@ -228,6 +237,15 @@ class Generator:
                 for index in indices:
                     entries[index] = kv
         return entries  # type: ignore[return-value]
+
+    def _drop_stale_prefixes(self) -> None:
+        """Empty the prefix cache when the left tower's weights changed in place since it was filled (an
+        optimizer step or load_state_dict between calls): its K/V would be those of the old weights."""
+        version = weights_version(self._left_parameters)
+        if self.prefix_cache is not None and version != self._cached_weights_version and len(self.prefix_cache):
+            logger.info("the left tower's weights changed: prefix cache cleared")
+            self.prefix_cache.clear()
+        self._cached_weights_version = version
 
     def _dedupe_key(self, prompt: PreparedPrompt) -> PrefixKey:
         if self.prefix_cache is not None or prompt.image_digest is not None:

@@ -7,7 +7,8 @@ An entry is one document prefix's K/V for every layer, stacked as (L, 2, P, Hkv,
 applied at positions 0..P-1, 1 = V). The prefix tokens are part of the key because they hold the chat header
 and tile tags; the images are keyed by a digest of their content (the decoded source pixels, or the tile
 bytes when only tiles are given), so the same picture asked about twice (or by two rows of one batch) runs
-the vision tower and the left tower once.
+the vision tower and the left tower once. Entries hold for the left tower's weights they were made with: the
+Generator empties the cache when those weights have changed in place since (`weights_version`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,23 @@ def image_digest(images: list[Any]) -> str:
         hasher.update(f"{image.mode}{image.size}".encode())
         hasher.update(image.tobytes())
     return hasher.hexdigest()
+
+
+def left_tower_parameters(model: Any) -> list[Tensor]:
+    """The parameters the cached prefix K/V are a function of: vision tower, projector, left LM."""
+    modules = (model.vision_encoder, model.projector, model.left_decoder)
+    return [parameter for module in modules for parameter in module.parameters()]
+
+
+def weights_version(parameters: list[Tensor]) -> int | None:
+    """Sum of the parameters' in-place update counters: an optimizer step or load_state_dict changes it.
+
+    None for parameters made under torch.inference_mode, which keep no counter (and cannot be updated).
+    """
+    try:
+        return sum(parameter._version for parameter in parameters)
+    except RuntimeError:
+        return None
 
 
 @dataclass

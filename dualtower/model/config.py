@@ -39,6 +39,9 @@ class VisionConfig:
         return self.image_size // self.patch_size
 
     def validate(self) -> None:
+        sizes = ("image_size", "patch_size", "hidden_dim", "inter_dim", "n_heads", "n_blocks")
+        _require_positive(self, "vision", sizes)
+        _require(self.ln_eps >= 0, "vision.ln_eps must be >= 0")
         _require(self.image_size % self.patch_size == 0, "vision.image_size must be a multiple of patch_size")
         _require(self.hidden_dim % self.n_heads == 0, "vision.hidden_dim must be a multiple of n_heads")
 
@@ -66,6 +69,9 @@ class LMConfig:
         return self.base_vocab_size + self.extra_token_amount
 
     def validate(self) -> None:
+        sizes = ("hidden_dim", "inter_dim", "n_heads", "n_kv_heads", "n_blocks", "base_vocab_size", "rope_theta")
+        _require_positive(self, "lm", sizes)
+        _require(self.rms_eps >= 0, "lm.rms_eps must be >= 0")
         _require(self.hidden_dim % self.n_heads == 0, "lm.hidden_dim must be a multiple of n_heads")
         _require(self.n_heads % self.n_kv_heads == 0, "lm.n_heads must be a multiple of n_kv_heads")
         _require(self.head_dim % 2 == 0, "lm head_dim must be even for RoPE")
@@ -134,6 +140,12 @@ class ModelConfig:
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _require_positive(section: Any, where: str, names: tuple[str, ...]) -> None:
+    """Checked before any size is divided by another: a zero would raise ZeroDivisionError, not name the field."""
+    for name in names:
+        _require(getattr(section, name) > 0, f"{where}.{name} must be positive, got {getattr(section, name)!r}")
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:

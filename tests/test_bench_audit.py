@@ -1,0 +1,102 @@
+"""Audit of the measuring tools: the figures the benchmarks report and how the summary and breakdown show them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from dualtower.trace_breakdown import category
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summary_numbers_just_under_a_thousand_read_as_numbers() -> None:
+    summarize = _script("summarize_benchmarks", ROOT / "scripts" / "summarize_benchmarks.py")
+    assert summarize._number(999.7) == "1,000"  # not "1e+03"
+    assert summarize._number(999.4) == "999"
+    assert summarize._number(-999.8) == "-1,000"
+    assert summarize._number(0.9996, 3) == "1"
+    assert summarize._number(12.5) == "12.5" and summarize._number(1234.4) == "1,234"
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        # inductor's kernels are named after the aten ops they fuse; under autocast most include _to_copy
+        ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", "fused elementwise / norms"),
+        ("triton_poi_fused__to_copy_mul_silu_3", "fused elementwise / norms"),
+        ("triton_poi_fused_cat_index_mul_neg_slice_4", "fused elementwise / norms"),
+        ("cpp_fused__to_copy_add_mean_mul_new_ones_pow_rsqrt_0", "fused elementwise / norms"),
+        ("triton_per_fused__to_copy_convert_element_type_mean_1", "fused elementwise / norms"),
+        ("triton_poi_fused__to_copy_0", "memory"),  # a lone cast is a copy
+        ("triton_poi_fused_clone_2", "memory"),
+        ("triton_tem_fused_mm_0", "matmul"),  # inductor's Triton GEMM templates (max-autotune)
+        ("triton_tem_fused_addmm_1", "matmul"),
+        ("triton_red_fused__log_softmax_nll_loss_5", "cross-entropy"),
+        # the eager names keep their categories
+        ("aten::convolution", "matmul"),
+        ("aten::_to_copy", "memory"),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "memory"),
+        ("triton_per_fused_rms_norm", "fused elementwise / norms"),
+    ],
+)
+def test_inductor_kernels_fall_in_the_category_of_their_work(name: str, expected: str) -> None:
+    assert category(name) == expected
+
+
+def test_linear_cross_entropy_flops_count_only_the_supervised_tokens(tmp_path: Path) -> None:
+    """The fused loss (and flops.py's head) work on supervised rows only: its TFLOP/s must not count the others."""
+    out = tmp_path / "lce.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/bench_kernels.py", "-q", "-p", "no:cacheprovider",
+         "-k", "test_linear_cross_entropy and reference and 135m and not compiled", f"--benchmark-json={out}"],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    (bench,) = json.loads(out.read_text())["benchmarks"]
+    info = bench["extra_info"]
+    tokens, width, vocab = 24, 16, 100  # bench_kernels' CPU shape, every other token supervised
+    flops = info["tflops"] * info["ms"] * 1e9
+    assert flops == pytest.approx(3 * 2 * (tokens // 2) * width * vocab, rel=1e-9)
+
+
+def test_summary_keeps_the_readable_results_when_a_file_was_cut_mid_write(tmp_path: Path, capsys) -> None:
+    """gpu_check kills a stage 15 s after its SIGINT: a stage JSON or the log's last line can end mid-write."""
+    summarize = _script("summarize_benchmarks", ROOT / "scripts" / "summarize_benchmarks.py")
+    stage = tmp_path / "kernels.json"
+    stage.write_text('{\n  "machine_info": {\n    "node": "gpu"\n  },\n  "benchmarks": [\n    {\n      "name": "te')
+    finished = {"name": "test_a", "fullname": "b.py::test_a", "group": "g", "median_s": 0.002,
+                "extra_info": {"role": "fast", "ratio": 1.5, "baseline": "eager"}}
+    log = tmp_path / "results.jsonl"
+    log.write_text(json.dumps(finished) + "\n" + '{"name": "test_b", "fullname": "b.py::te')
+    assert summarize.main([str(stage), str(log)]) == 0
+    captured = capsys.readouterr()
+    assert "| test_a | 2.000 | 1.50x vs eager |" in captured.out
+    assert "test_b" not in captured.out
+    assert str(stage) in captured.err and str(log) in captured.err  # what was left out is said
+
+
+def test_gpu_check_skips_the_profile_without_a_tokenizer_and_says_so(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "GPU_CHECK_ALLOW_CPU": "1", "GPU_CHECK_INSTALL": "0", "GPU_CHECK_STAGES": "profile_360m",
+           "GPU_CHECK_BUDGET_S": "60", "DUALTOWER_TOKENIZER_DIR": str(tmp_path / "no_tokenizer")}
+    done = subprocess.run(["bash", "scripts/gpu_check.sh", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not (out / "profile_360m.log").exists()  # "will be skipped" means it did not run
+    assert "profile_360m: skipped (no tokenizer" in (out / "summary.md").read_text()
