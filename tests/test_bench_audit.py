@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from test_trace_tools import _script
 
 from dualtower.trace_breakdown import category
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _script(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_summary_numbers_just_under_a_thousand_read_as_numbers() -> None:

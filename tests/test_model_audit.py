@@ -9,20 +9,10 @@ import pytest
 import torch
 from model_helpers import original_text_hidden, random_batch
 from test_dual_tower import tiny_config
+from test_ops import _automatic_backends  # noqa: F401 (autouse: every test starts from the automatic choice)
 
 from dualtower import ops
 from dualtower.model import DualTowerVLM
-
-OPS = ("prefix_attention", "decode_attention", "linear_cross_entropy", "pixel_shuffle_project")
-
-
-@pytest.fixture(autouse=True)
-def _automatic_backends(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.delenv("DUALTOWER_BACKEND", raising=False)
-    yield
-    ops.set_backend(None)
-    for op in OPS:
-        ops.set_backend(None, op=op)
 
 
 def _model_and_batch():
