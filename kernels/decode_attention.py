@@ -132,13 +132,15 @@ def _check_inputs(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor) 
     The kernels index the caches by q's row and head dim and read one length per row: any mismatch would read
     past a buffer or misread it, silently.
     """
-    shapes = f"q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}, lengths {tuple(lengths.shape)}"
-    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"bad decode shapes: {shapes}")
-    rows, q_heads, head_dim = q.shape
-    kv_heads = k_cache.shape[1]
-    if kv_heads == 0 or q_heads % kv_heads or k_cache.shape[0] != rows or k_cache.shape[3] != head_dim:
-        raise ValueError(f"bad decode shapes: {shapes}")
+    consistent = q.dim() == 3 and k_cache.dim() == 4 and k_cache.shape == v_cache.shape
+    if consistent:
+        rows, q_heads, head_dim = q.shape
+        kv_heads = k_cache.shape[1]
+        consistent = kv_heads > 0 and q_heads % kv_heads == 0 and k_cache.shape[0] == rows
+        consistent = consistent and k_cache.shape[3] == head_dim
+    if not consistent:  # the message only now: formatting it costs more than the checks (every layer, every step)
+        shapes = (q.shape, k_cache.shape, v_cache.shape, lengths.shape)
+        raise ValueError("bad decode shapes: q {}, k {}, v {}, lengths {}".format(*map(tuple, shapes)))
     if lengths.shape != (rows,) or lengths.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"lengths must be (rows,) int32 or int64, got {tuple(lengths.shape)} {lengths.dtype}")
     if not q.dtype == k_cache.dtype == v_cache.dtype:
