@@ -2,7 +2,7 @@
 # Train DualTowerVLM (or the single-tower vanilla baseline): a thin wrapper over train/main.py, launched with
 # torchrun, one process per visible GPU, or as one plain process when no GPU is visible.
 #
-#   bash train.sh                                       # the debug recipe on the CPU (about 10 minutes, 2 cores)
+#   bash train.sh                                       # the debug recipe on the CPU (about 7 minutes, 2 cores)
 #   bash train.sh vanilla_debug                         # a recipe by name (train/configs/<name>.toml) or by path
 #   RECIPE=cauldron_135m bash train.sh --training.steps=1000   # other arguments: overrides for train/main.py
 #   CUDA_VISIBLE_DEVICES=0,1 bash train.sh cauldron_135m       # two processes, one per visible GPU

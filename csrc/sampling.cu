@@ -26,7 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cfloat>
+#include <cmath>
 #include <climits>
 #include <cstdint>
 
@@ -66,13 +66,24 @@ __device__ float block_all_reduce(float value, Op op, float identity, float* scr
   return scratch[0];
 }
 
-// First index of the maximum, like torch.argmax.
+// Whether (a, index_a) ranks before (b, index_b) in torch.argmax's order: NaN above every number, then the
+// larger value, then the smaller index. INT_MAX marks a thread that saw no element (vocab < kThreads), which
+// ranks last, so that it cannot win over a row of -inf with a sentinel value.
+__device__ __forceinline__ bool argmax_before(float a, int index_a, float b, int index_b) {
+  if (index_a == INT_MAX || index_b == INT_MAX) return index_a < index_b;
+  const bool a_nan = isnan(a), b_nan = isnan(b);
+  if (a_nan != b_nan) return a_nan;
+  if (a_nan || a == b) return index_a < index_b;
+  return a > b;
+}
+
+// First index of the maximum, like torch.argmax (NaN counts as the maximum).
 __device__ int64_t block_argmax(const float* row, int vocab, float* value_scratch, int* index_scratch) {
-  float best = -FLT_MAX;
+  float best = -INFINITY;
   int best_index = INT_MAX;
   for (int i = threadIdx.x; i < vocab; i += kThreads) {
     const float v = row[i];
-    if (v > best || best_index == INT_MAX) {
+    if (argmax_before(v, i, best, best_index)) {
       best = v;
       best_index = i;
     }
@@ -82,7 +93,7 @@ __device__ int64_t block_argmax(const float* row, int vocab, float* value_scratc
   for (int offset = 16; offset > 0; offset >>= 1) {
     const float other = __shfl_xor_sync(0xffffffffu, best, offset);
     const int other_index = __shfl_xor_sync(0xffffffffu, best_index, offset);
-    if (other > best || (other == best && other_index < best_index)) {
+    if (argmax_before(other, other_index, best, best_index)) {
       best = other;
       best_index = other_index;
     }
@@ -94,7 +105,7 @@ __device__ int64_t block_argmax(const float* row, int vocab, float* value_scratc
   __syncthreads();
   if (threadIdx.x == 0) {
     for (int w = 1; w < kWarps; ++w) {
-      if (value_scratch[w] > best || (value_scratch[w] == best && index_scratch[w] < best_index)) {
+      if (argmax_before(value_scratch[w], index_scratch[w], best, best_index)) {
         best = value_scratch[w];
         best_index = index_scratch[w];
       }
@@ -283,8 +294,9 @@ at::Tensor sample_logits(const at::Tensor& logits, const at::Tensor& uniforms, d
   const bool greedy = temperature <= 0.0;
   TORCH_CHECK(greedy || (top_p > 0.0 && top_p <= 1.0), "sample_logits: top_p must be in (0, 1]");
   if (!greedy) {
-    TORCH_CHECK(uniforms.is_cuda() && uniforms.scalar_type() == at::kFloat && uniforms.numel() == logits.size(0),
-                "sample_logits: uniforms must be a float32 CUDA tensor with one value per row");
+    TORCH_CHECK(uniforms.device() == logits.device() && uniforms.scalar_type() == at::kFloat &&
+                    uniforms.numel() == logits.size(0),
+                "sample_logits: uniforms must be a float32 tensor on the logits' device with one value per row");
   }
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor rows = logits.contiguous();

@@ -25,7 +25,10 @@ echo "== 2/4 install (CPU torch pinned by constraints/cpu.txt)"
 
 echo "== 3/4 train the debug recipe -> $RUN_DIR"
 export TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
-"$PY" train/main.py --config train/configs/debug.toml --job.run_dir="$RUN_DIR" --checkpoint.resume=none "$@"
+# From scratch every time, and no checkpoints: only export/ is used, and a rerun would otherwise set the
+# previous run's checkpoints aside (checkpoints/superseded/) on every save, never deleting them.
+"$PY" train/main.py --config train/configs/debug.toml --job.run_dir="$RUN_DIR" --checkpoint.resume=none \
+    --checkpoint.enabled=false "$@"
 
 echo "== 4/4 ask the trained model about a held-out synthetic image"
 SAMPLE="$RUN_DIR/sample.png"

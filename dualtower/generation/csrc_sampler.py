@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -113,8 +114,8 @@ def _source_digest() -> str | None:
 
 
 def _load_prebuilt(library: Path) -> bool:
-    """Load a library from `build_library`; False (with a warning) when it is missing, built for another torch,
-    or built from another version of the CUDA source.
+    """Load a library from `build_library`; False (with a warning) when it is missing, built for another torch
+    or for other GPUs, or built from another version of the CUDA source.
 
     A library linked against another libtorch can crash when called, so the recorded build must match; a stale
     source would silently run (and test) the old kernel."""
@@ -129,6 +130,12 @@ def _load_prebuilt(library: Path) -> bool:
         logger.warning("prebuilt sampler ignored: built for %s, this is %s (a changed %s needs a rebuild)",
                        built_for, wanted, SOURCE_NAME)
         return False
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    if capability is not None and not _runs_on(built_for.get("arch_list", ""), capability):
+        # It would load, then fail at the first token ("no kernel image"), too late to fall back.
+        logger.warning("prebuilt sampler ignored: built for CUDA architectures %r, this GPU is %d.%d",
+                       built_for.get("arch_list"), *capability)
+        return False
     try:
         torch.ops.load_library(str(library))
     except OSError as error:  # a missing file, or a libcudart / libtorch this process does not have
@@ -137,6 +144,23 @@ def _load_prebuilt(library: Path) -> bool:
     _register_fake()
     logger.info("fused CUDA sampler loaded from %s", library)
     return True
+
+
+def _runs_on(arch_list: str, capability: tuple[int, int]) -> bool:
+    """Whether a build for `arch_list` (TORCH_CUDA_ARCH_LIST syntax) has code a GPU of `capability` can run:
+    machine code of the same major version and an equal or lower minor one, or PTX of an equal or older GPU."""
+    for entry in re.split(r"[\s;]+", arch_list.strip()):
+        match = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", entry)
+        if match is None:
+            return True  # a named architecture ("Hopper") or no record: not refused on a guess
+        built = (int(match[1]), int(match[2]))
+        if match[3] == "a":  # architecture-specific code (sm_90a) runs only on that GPU
+            machine_code_runs = built == capability
+        else:
+            machine_code_runs = built[0] == capability[0] and built[1] <= capability[1]
+        if machine_code_runs or (match[4] is not None and built <= capability):
+            return True
+    return False
 
 
 def build_library(out_dir: Path, arch_list: str = "9.0+PTX", verbose: bool = False) -> Path:
