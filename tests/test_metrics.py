@@ -99,6 +99,29 @@ def test_a_resumed_run_appends_to_metrics_jsonl(tmp_path) -> None:
     assert not (tmp_path / "other").exists()
 
 
+def test_rewind_moves_later_steps_and_a_cut_line_aside(tmp_path) -> None:
+    """A run resumed at step 2 logs steps 3.. again: metrics.jsonl must stay one timeline, nothing lost."""
+    logger = MetricsLogger(default_job().metrics, tmp_path, True, 4, {})
+    for step in (1, 2, 3):
+        logger.log({"step": step, "loss": float(step)})
+    logger.log({"step": 2, "eval/loss": 0.5})
+    logger.log({"step": 4, "eval/loss": 0.25})
+    logger.close()
+    with (tmp_path / "metrics.jsonl").open("a") as file:
+        file.write('{"step": 5, "lo')  # the kill came mid-write
+    resumed = MetricsLogger(default_job().metrics, tmp_path, True, 4, {})
+    resumed.rewind(2)
+    resumed.log({"step": 3, "loss": 30.0})
+    resumed.close()
+    assert read_metrics(tmp_path) == [
+        {"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 2, "eval/loss": 0.5}, {"step": 3, "loss": 30.0}
+    ]
+    aside = (tmp_path / "metrics.superseded.jsonl").read_text().splitlines()
+    assert aside == ['{"step": 3, "loss": 3.0}', '{"step": 4, "eval/loss": 0.25}', '{"step": 5, "lo']
+    MetricsLogger(default_job().metrics, tmp_path / "other", False, 2, {}).rewind(1)  # rank != 0: nothing
+    assert not (tmp_path / "other").exists()
+
+
 def test_cpu_peak_memory_is_the_resident_peak_in_gib() -> None:
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak = peak_memory_gib(torch.device("cpu"))

@@ -29,3 +29,46 @@ def test_validation_loss_is_the_mean_over_supervised_tokens() -> None:
     assert record["eval/tokens"] == sum(counts)
     assert record["eval/loss"] == pytest.approx(expected, rel=1e-9)
     assert evaluator.validation_loss(model, nullcontext) == record  # the same batches every time
+
+
+def test_answer_accuracy_is_exact_match_after_normalization() -> None:
+    from dualtower.training.evaluate import answer_accuracy, normalize_answer
+
+    assert normalize_answer("  Top-Left,\n circle! ") == "topleft circle"
+    assert normalize_answer("Rouge é!") == "rouge é"  # unicode letters are kept
+    # Case, punctuation and spacing do not matter; extra words, a wrong answer or an empty prediction do.
+    predictions = ["Red.", " 3 ", "red circle", "blue", "", "Circle"]
+    answers = ["red", "3", "red", "red", "red", "circle"]
+    assert answer_accuracy(predictions, answers) == pytest.approx(3 / 6)
+    assert answer_accuracy([], []) == 0.0
+    with pytest.raises(ValueError):
+        answer_accuracy(["red"], ["red", "blue"])
+
+
+def test_accuracy_scores_the_first_samples_on_rank_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dualtower.training import evaluate
+
+    heldout = [{"images": [], "question": f"q{i}", "answer": answer} for i, answer in enumerate("abcde")]
+    asked = []
+
+    def fake_answers(model, tokenizer, examples, max_new_tokens, batch_size=16):
+        asked.extend(ex["question"] for ex in examples)
+        assert not model.training and max_new_tokens == 3
+        return ["A", "x", "c."]
+
+    monkeypatch.setattr(evaluate, "greedy_answers", fake_answers)
+    evaluator = Evaluator(EvalSection(accuracy_samples=3, max_new_tokens=3), None, None, single_env(), heldout)
+    record = evaluator.accuracy(torch.nn.Linear(1, 1))
+    assert asked == ["q0", "q1", "q2"]
+    assert record == {"eval/accuracy": pytest.approx(2 / 3), "eval/accuracy_samples": 3}
+    assert Evaluator(EvalSection(), None, None, single_env()).accuracy(None) == {}  # not the synthetic source
+
+
+def test_validation_without_batches_logs_nothing_and_a_short_loader_is_used_whole() -> None:
+    model = tiny_model().double()
+    batches = make_batches(model, LAYOUTS[:2], seed=7)
+    assert Evaluator(EvalSection(), None, None, single_env()).validation_loss(model, nullcontext) == {}
+    record = Evaluator(EvalSection(val_batches=8), ListLoader(batches), None, single_env()).validation_loss(
+        model, nullcontext
+    )
+    assert record["eval/tokens"] == sum(b.num_supervised for b in batches)

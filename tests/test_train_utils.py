@@ -161,5 +161,5 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss of the last record logged for that step (a resumed run logs some steps twice)."""
+    """step -> loss of the last record logged for that step."""
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}

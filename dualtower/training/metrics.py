@@ -4,6 +4,9 @@ optional Weights & Biases, all written by rank 0.
 Training records carry `step`, `loss`, `lr`, `grad_norm`, `tokens_per_s`, `mfu`, `peak_mem_gib`,
 `packing_efficiency` (plus `lr/<tower>`, `skipped_steps`); evaluation records carry `eval/...` keys.
 `mfu` is null where the device's peak is unknown (CPUs; see dualtower.training.flops).
+
+A resumed run repeats the steps after its checkpoint: `rewind` first moves their records (and a line cut by a
+kill) from `metrics.jsonl` to `metrics.superseded.jsonl`, so the file stays one timeline and nothing is lost.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import sys
 import time
@@ -54,7 +58,8 @@ class MetricsLogger:
         if not is_main:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = (run_dir / "metrics.jsonl").open("a", buffering=1)
+        self.path = run_dir / "metrics.jsonl"
+        self._file = self.path.open("a", buffering=1)
         if metrics_cfg.wandb and metrics_cfg.wandb_mode != "disabled":
             self._wandb = _start_wandb(metrics_cfg, run_dir, config_dict)
 
@@ -67,6 +72,25 @@ class MetricsLogger:
             self._wandb.log({k: v for k, v in clean.items() if k != "step" and v is not None}, step=clean["step"])
         if self.cfg.progress != "none":
             self._console(clean)
+
+    def rewind(self, step: int) -> None:
+        """Before a run resumed at `step` logs again: move the records of later steps, and any line that is not
+        a complete record, to metrics.superseded.jsonl (appended). Rank 0 only."""
+        if self._file is None:
+            return
+        self._file.close()
+        kept, superseded = [], []
+        for line in self.path.read_text().splitlines(keepends=True):
+            (kept if _logged_by_step(line, step) else superseded).append(line if line.endswith("\n") else line + "\n")
+        if superseded:
+            with (self.path.parent / "metrics.superseded.jsonl").open("a") as aside:
+                aside.writelines(superseded)
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)  # a kill now leaves the old file or the new one, never half of it
+            logger.info("resume at step %d: %d records of later steps moved to %s", step, len(superseded),
+                        "metrics.superseded.jsonl")
+        self._file = self.path.open("a", buffering=1)
 
     def _console(self, record: dict[str, Any]) -> None:
         step = record["step"]
@@ -94,6 +118,16 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _logged_by_step(line: str, step: int) -> bool:
+    """Whether `line` is a complete record of a step <= `step`."""
+    if not line.endswith("\n"):
+        return False  # cut by a kill mid-write
+    try:
+        return json.loads(line)["step"] <= step
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def _fmt(value: Any) -> str:

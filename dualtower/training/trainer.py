@@ -300,6 +300,7 @@ class Trainer:
         state = parts.checkpointer.load(path, self.model, self.optimizer, parts.scheduler, parts.train_loader)
         self.step = state["step"]
         self.last_saved_step = self.step
+        parts.metrics.rewind(self.step)  # the steps after the checkpoint are logged again
         # The param groups' "fused" flag comes from the checkpoint: the skipping logic must follow the kernel used.
         fused = bool(self.optimizer.param_groups[0].get("fused"))
         if fused != self.fused:
