@@ -159,3 +159,15 @@ def test_limit_like_lmms_eval():
     assert _limit_count(0.25, 10) == 3
     assert _limit_count(4, 10) == 4
     assert _limit_count(40, 10) == 10
+
+
+def test_synthetic_mmstar_questions_ask_only_for_the_letter():
+    """The synthetic phrasings' own "Answer with one word." / "Answer with a number." would contradict the
+    multiple-choice instruction the prompt ends with."""
+    from dualtower.eval.mmstar_synthetic import mmstar_rows
+
+    rows = mmstar_rows(24)
+    stems = [row["question"].split("\nOptions: ")[0] for row in rows]
+    assert all("Answer with" not in stem for stem in stems), stems
+    assert all(stem.rstrip().endswith("?") or stem.endswith(".") for stem in stems)
+    assert any(stem.startswith("Look at the image") for stem in stems)  # the long phrasings are still used

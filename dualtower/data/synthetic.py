@@ -15,7 +15,8 @@ is equally frequent; answers within a type are uniform, so chance = 1 / number o
 | position | Where is the shape?             | left right top bottom (one shape only)    | 1/4 / 1/4 / 1/4             |
 | compare  | Which image has more shapes?    | first second (two images)                 | 1/2 / 1/2 / 1/2             |
 
-All shapes of one image share shape and colour, so colour/shape questions have one answer. Difficulty sets
+All shapes of one image share shape and colour, so colour/shape questions have one answer, and no two touch
+(a layout whose boxes come within 2 px is redrawn), so the count is that of the blobs in the pixels. Difficulty sets
 image sizes, object sizes, the count range, the shapes and the background (white when easy, pale tints else).
 
 Splits are disjoint by construction: each rendered scene has a fingerprint (every parameter that reaches the
@@ -74,6 +75,8 @@ QUESTIONS = {  # a few phrasings per type, of different lengths
         "Compare the two images. Which one contains more shapes, the first or the second?",
     ),
 }
+_MIN_GAP = 2  # px between the boxes of two shapes, so that they never touch
+_LAYOUT_TRIES = 1000
 _SPLIT_BUCKETS = {"train": range(0, 8), "val": range(8, 9), "heldout": range(9, 10)}
 
 
@@ -219,6 +222,14 @@ def _layout(
         cx = round(width * (fx + rng.uniform(-jitter, jitter)))
         cy = round(height * (fy + rng.uniform(-jitter, jitter)))
         return [(cx, cy, max(size, 6))], position
+    for _ in range(_LAYOUT_TRIES):
+        objects = _grid_objects(rng, level, width, height, count)
+        if _separated(objects):
+            return objects, None
+    raise RuntimeError(f"no layout of {count} separated shapes fits a {width}x{height} image")
+
+
+def _grid_objects(rng: random.Random, level: _Level, width: int, height: int, count: int) -> list[tuple[int, int, int]]:
     cols = level.cells + (width > height * 1.4)
     rows = level.cells + (height > width * 1.4)
     cell_w, cell_h = width / cols, height / rows
@@ -231,7 +242,22 @@ def _layout(
         cx = round((c + 0.5) * cell_w + rng.uniform(-slack_x, slack_x) * 0.8)
         cy = round((r + 0.5) * cell_h + rng.uniform(-slack_y, slack_y) * 0.8)
         objects.append((cx, cy, max(size, 4)))
-    return objects, None
+    return objects
+
+
+def _separated(objects: list[tuple[int, int, int]]) -> bool:
+    """Whether every two bounding boxes are `_MIN_GAP` px apart along x or y.
+
+    Rounded centres and the minimum size can bring shapes of neighbouring cells into contact; touching shapes
+    read as one blob, so the count answer would no longer be true of the pixels. PIL fills
+    [floor(lo), floor(hi)], so a gap of 2 leaves at least one background row or column between them.
+    """
+    for i, (x1, y1, s1) in enumerate(objects):
+        for x2, y2, s2 in objects[i + 1:]:
+            reach = (s1 + s2) / 2 + _MIN_GAP
+            if abs(x1 - x2) < reach and abs(y1 - y2) < reach:
+                return False
+    return True
 
 
 def render(scene: dict[str, Any]) -> Image.Image:

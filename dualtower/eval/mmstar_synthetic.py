@@ -1,8 +1,8 @@
 """A local MMStar-format parquet file built from the synthetic held-out split (for tests and demos offline).
 
-Each row is one synthetic question turned into a multiple-choice question in MMStar's style
-("<question>\\nOptions: A: x, B: y, C: z, D: w"), with distractors drawn from the question type's answer
-space, options shuffled from a per-row seed, and MMStar-like categories:
+Each row is one synthetic question (without its "Answer with one word." sentence) turned into a multiple-choice
+question in MMStar's style ("<question>\\nOptions: A: x, B: y, C: z, D: w"), with distractors drawn from the
+question type's answer space, options shuffled from a per-row seed, and MMStar-like categories:
 
 | question type | category                | l2_category            |
 |---------------|-------------------------|------------------------|
@@ -54,6 +54,12 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def question_stem(question: str) -> str:
+    """The synthetic question without its answer-format sentence ("Answer with one word."): in a
+    multiple-choice row it would contradict the letter the prompt asks for."""
+    return question.split(" Answer with ")[0]
+
+
 def mmstar_rows(n: int, seed: int = 42, difficulty: str = "easy") -> list[dict[str, Any]]:
     """`n` MMStar-format rows (image as {bytes, path}) from the synthetic held-out split."""
     from dualtower.data.synthetic import answer_space, heldout_examples
@@ -72,7 +78,7 @@ def mmstar_rows(n: int, seed: int = 42, difficulty: str = "easy") -> list[dict[s
         rows.append(
             {
                 "index": index,
-                "question": f"{example['question']}\nOptions: {listed}",
+                "question": f"{question_stem(example['question'])}\nOptions: {listed}",
                 "image": {"bytes": png_bytes(example["images"][0]), "path": None},
                 "answer": letters[options.index(answer)],
                 "category": category,
