@@ -1,4 +1,4 @@
-"""Shared test setup: the Triton interpreter on CPU, markers, seeding."""
+"""Shared test setup: the Triton interpreter on CPU, markers, seeding, the fused sampler fixture."""
 
 from __future__ import annotations
 
@@ -27,3 +27,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def fused():
+    """The fused CUDA sampler, loaded prebuilt or built with nvcc; skips where neither is possible."""
+    from dualtower.generation import csrc_sampler
+
+    try:
+        csrc_sampler.load_extension()
+    except RuntimeError as error:
+        if csrc_sampler.find_nvcc() is not None:
+            raise  # nvcc is there, so a failed build is a failure
+        pytest.skip(f"no usable prebuilt library (DUALTOWER_CSRC_LIBRARY) and no nvcc: {error}")
+    return csrc_sampler.fused_sample

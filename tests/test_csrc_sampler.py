@@ -52,17 +52,6 @@ def test_building_the_library_needs_a_cuda_build_of_torch(tmp_path, monkeypatch)
         csrc_sampler.build_library(tmp_path)
 
 
-@pytest.fixture(scope="module")
-def fused():
-    try:
-        csrc_sampler.load_extension()
-    except RuntimeError as error:
-        if csrc_sampler.find_nvcc() is not None:
-            raise  # nvcc is there, so a failed build is a failure
-        pytest.skip(f"no usable prebuilt library (DUALTOWER_CSRC_LIBRARY) and no nvcc: {error}")
-    return csrc_sampler.fused_sample
-
-
 def crafted(probs: list[float], rows: int, device: str = "cuda") -> torch.Tensor:
     """Rows of a full-size vocabulary: the given probabilities first, a tail negligible at every tested temperature
     (at -40 and temperature 4, the 49k tail tokens would hold most of the mass)."""

@@ -79,17 +79,6 @@ def test_a_failed_compile_reports_nvcc_errors(tmp_path: Path, monkeypatch: pytes
 # -- on a GPU --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def fused():
-    try:
-        csrc_sampler.load_extension()
-    except RuntimeError as error:
-        if csrc_sampler.find_nvcc() is not None:
-            raise  # nvcc is there, so a failed build is a failure
-        pytest.skip(f"no usable prebuilt library (DUALTOWER_CSRC_LIBRARY) and no nvcc: {error}")
-    return csrc_sampler.fused_sample
-
-
 GREEDY = SamplingConfig(do_sample=False)
 
 
