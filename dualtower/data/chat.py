@@ -42,12 +42,22 @@ def strip_image_tokens(text: str) -> str:
     return text
 
 
+def encodable(text: str) -> str:
+    """`text` as UTF-8-encodable Unicode: paired surrogates (JSON escapes) joined, lone ones (undecodable argv
+    bytes) replaced by U+FFFD; the tokenizer rejects surrogates with an opaque TypeError."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
 def build_messages(image_strings: list[str], turns: list[dict[str, str]]) -> list[dict[str, str]]:
     """Alternating user/assistant messages; the image strings prefix the first user message."""
     messages = []
     for turn in turns:
-        messages.append({"role": "user", "content": strip_image_tokens(turn["user"])})
-        messages.append({"role": "assistant", "content": strip_image_tokens(turn["assistant"])})
+        messages.append({"role": "user", "content": strip_image_tokens(encodable(turn["user"]))})
+        messages.append({"role": "assistant", "content": strip_image_tokens(encodable(turn["assistant"]))})
     if messages and image_strings:
         messages[0]["content"] = "".join(image_strings) + messages[0]["content"]
     return messages
@@ -107,6 +117,8 @@ def _image_head(tokenizer: Any, images: str) -> list[int]:
 
 def assemble(segments: list[Segment], max_tokens: int | None = None) -> tuple[list[int], list[int]]:
     """Concatenate message segments (cut at `max_tokens` when given) into (input_ids, shifted labels)."""
+    if max_tokens is not None and max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")  # a negative slice would cut the end
     input_ids = [tok for ids, _ in segments for tok in ids][:max_tokens]
     supervised = [flag for _, flags in segments for flag in flags][:max_tokens]
     return input_ids, shift_labels(input_ids, supervised)
@@ -114,13 +126,15 @@ def assemble(segments: list[Segment], max_tokens: int | None = None) -> tuple[li
 
 def shift_labels(input_ids: list[int], supervised: list[bool]) -> list[int]:
     """label[t] = input_ids[t + 1] where token t + 1 is supervised, else IGNORE_INDEX; the last is IGNORE_INDEX."""
+    if not input_ids:  # no token, no label: the last-label IGNORE_INDEX exists only when a token does
+        return []
     labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(input_ids[1:], supervised[1:], strict=True)]
     return [*labels, IGNORE_INDEX]
 
 
 def encode_prompt(tokenizer: Any, image_strings: list[str], prompt: str) -> list[int]:
     """A single user turn (images first) followed by the assistant header, ready for generation."""
-    text = render_message("user", strip_image_tokens(prompt)) + generation_header()
+    text = render_message("user", strip_image_tokens(encodable(prompt))) + generation_header()
     if not image_strings:
         return tokenizer(text, add_special_tokens=False).input_ids
     tail = tokenizer(text.removeprefix(_USER_HEADER), add_special_tokens=False).input_ids
