@@ -136,6 +136,18 @@ def test_heldout_examples():
     assert heldout_examples(12, seed=9, question_types=("color", "compare"))[3]["answer"] == examples[3]["answer"]
 
 
+@pytest.mark.parametrize("difficulty", ["easy", "hard"])
+def test_heldout_answers_take_turns_within_each_type(difficulty: str) -> None:
+    """Always giving one answer per type scores chance: 1 / len(answers) of each type, to within one question."""
+    types = ("color", "shape", "count", "position", "compare")
+    examples = heldout_examples(67, seed=3, question_types=types, difficulty=difficulty)
+    for qtype in types:
+        answers = [e["answer"] for e in examples if e["question_type"] == qtype]
+        space = answer_space(qtype, difficulty)
+        assert answers == [space[k % len(space)] for k in range(len(answers))], qtype
+    assert [e["question_type"] for e in examples[:6]] == [*types, "color"]
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown split"):
         SyntheticSource(0, "test")

@@ -127,11 +127,11 @@ class ShardPipeline:
             check_placeholders(doc.input_ids, doc.num_tiles, self.model_cfg)
             return doc
         except (ImageLoadError, OSError) as error:
-            self._drop("bad_image", str(error), self.stats)
+            self._drop("bad_image", str(error), self.stats, item.key)
         except SampleError as error:
-            self._drop(error.reason, str(error), self.stats)
+            self._drop(error.reason, str(error), self.stats, item.key)
         except Exception as error:  # as in _build: an input nobody foresaw must not stop training
-            self._drop("error", f"{type(error).__name__}: {error}", self.stats)
+            self._drop("error", f"{type(error).__name__}: {error}", self.stats, item.key)
         return None
 
     def state(self) -> dict[str, Any]:
@@ -151,7 +151,7 @@ class ShardPipeline:
             for position, sample in self.source.iterate(self.epoch, self.shard, self.num_shards, self.position):
                 self.position = position + 1
                 self.stats.read += 1
-                doc = self._build(sample, self.stats)
+                doc = self._build(sample, self.stats, (self.epoch, position))
                 if doc is not None:
                     produced = True
                     yield (self.epoch, position), doc
@@ -165,7 +165,9 @@ class ShardPipeline:
                 )
             self.epoch, self.position = self.epoch + 1, 0
 
-    def _build(self, sample: Any, stats: LoaderStats | None) -> PreparedDocument | None:
+    def _build(
+        self, sample: Any, stats: LoaderStats | None, key: tuple[int, int] | None = None
+    ) -> PreparedDocument | None:
         """The document, or None when dropped (counted in `stats` when given, and logged)."""
         events = stats.events if stats is not None else Counter()
         try:
@@ -175,18 +177,30 @@ class ShardPipeline:
                 sample, self.processor, self.tokenizer, self.model_cfg, limits=self.limits, events=events
             )
         except SampleError as error:
-            self._drop(error.reason, str(error), stats)
+            self._drop(error.reason, str(error), stats, key)
         except Exception as error:  # a bug or an input nobody foresaw must not stop training
-            self._drop("error", f"{type(error).__name__}: {error}", stats)
+            self._drop("error", f"{type(error).__name__}: {error}", stats, key)
         return None
 
-    def _drop(self, reason: str, detail: str, stats: LoaderStats | None) -> None:
+    def _drop(self, reason: str, detail: str, stats: LoaderStats | None, key: tuple[int, int] | None) -> None:
         if stats is None:
             return
         stats.dropped[reason] += 1
         self._logged[reason] += 1
+        if self._logged[reason] > _LOUD_DROPS and not logger.isEnabledFor(logging.DEBUG):
+            return
         level = logging.WARNING if self._logged[reason] <= _LOUD_DROPS else logging.DEBUG
-        logger.log(level, "skipped a sample (shard %d, epoch %d): %s", self.shard, self.epoch, detail[:300])
+        logger.log(level, "skipped a sample (shard %d, epoch %d, %s): %s", self.shard, self.epoch, self._where(key),
+                   detail[:300])
+
+    def _where(self, key: tuple[int, int] | None) -> str:
+        """Where a sample lives (a file and row for local data), so that a bad row can be found and fixed."""
+        if key is None:
+            return "?"
+        try:
+            return self.source.locate(key[0], self.shard, self.num_shards, key[1])
+        except Exception as error:  # a log line must not stop training
+            return f"position {key[1]} ({type(error).__name__})"
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

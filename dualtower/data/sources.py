@@ -48,6 +48,10 @@ class Source(ABC):
     def iterate(self, epoch: int, shard: int, num_shards: int, start: int = 0) -> Iterator[tuple[int, Any]]:
         """(position, sample) pairs of one shard and epoch, from position `start` on."""
 
+    def locate(self, epoch: int, shard: int, num_shards: int, position: int) -> str:
+        """Where the sample at `position` lives, for log messages."""
+        return f"position {position}"
+
     def fetch(self, epoch: int, shard: int, num_shards: int, positions: Sequence[int]) -> dict[int, Any]:
         """Samples at the given positions (a stream re-reads from the smallest one)."""
         wanted, found = set(positions), {}
@@ -90,6 +94,11 @@ class IndexedSource(Source):
         indices = self.shard_indices(epoch, shard, num_shards)
         return {p: self._read(int(indices[p])) for p in positions}
 
+    def locate(self, epoch: int, shard: int, num_shards: int, position: int) -> str:
+        index = int(self.shard_indices(epoch, shard, num_shards)[position])
+        locate = getattr(self.items, "locate", None)
+        return locate(index) if callable(locate) else f"row {index}"
+
     def _read(self, index: int) -> Any:
         try:
             return self.items[index]
@@ -127,8 +136,8 @@ def load_local_split(path: Path, split: str, val_ratio: float, seed: int) -> Any
         files = sorted(path.rglob("*.parquet")) + sorted(path.rglob("*.arrow")) if path.is_dir() else [path]
         if not files:
             raise FileNotFoundError(f"no .parquet or .arrow files under {path}")
-        kind = "arrow" if files[0].suffix == ".arrow" else "parquet"
-        loaded = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+        _refuse_nested_splits(path)
+        return _ratio_split(_read_files(path, files), split, val_ratio, seed)
     if isinstance(loaded, datasets.DatasetDict):
         names = {"train": ("train",), "val": ("validation", "val", "test"), "heldout": ("test", "heldout")}[split]
         name = next((n for n in names if n in loaded), None)
@@ -138,12 +147,98 @@ def load_local_split(path: Path, split: str, val_ratio: float, seed: int) -> Any
     return _undecoded(_ratio_split(loaded, split, val_ratio, seed))
 
 
+def _refuse_nested_splits(path: Path) -> None:
+    """A folder pooling every file below it must not hold `save_to_disk` DatasetDicts: their validation and
+    test files would be pooled into training."""
+    if not path.is_dir():
+        return
+    nested = sorted(str(p.parent) for p in path.rglob("dataset_dict.json"))
+    if nested:
+        raise ValueError(
+            f"{path} holds DatasetDict folders with their own splits ({', '.join(nested[:3])}"
+            f"{', ...' if len(nested) > 3 else ''}); pooling their files would train on their validation rows: "
+            "point data.source at one of them, or at a folder of plain parquet/arrow files"
+        )
+
+
+def _read_files(path: Path, files: Sequence[Path]) -> LocalFiles:
+    """The files' rows: one `datasets` table per kind (parquet, arrow) when their schemas agree, else one per
+    file. One load is much faster than one per file, but it fails on schema details that do not matter to us
+    (a `path` typed null in one config and string in another, an extra text field) and without naming a file."""
+    labels, parts = [], []
+    for kind in ("parquet", "arrow"):
+        group = [f for f in files if _kind(f) == kind]
+        if not group:
+            continue
+        try:
+            parts.append(_load_files(kind, group))
+            labels.append(str(group[0]) if len(group) == 1 else f"one of {len(group)} {kind} files under {path}")
+        except Exception as error:
+            if len(group) == 1:
+                raise
+            logger.info("the %s files under %s do not load as one table (%s); reading them one by one", kind, path,
+                        str(error.__cause__ or error)[:200])
+            parts += [_load_files(kind, [f]) for f in group]
+            labels += [str(f) for f in group]
+    return LocalFiles(labels, [_undecoded(part) for part in parts])
+
+
+def _kind(file: Path) -> str:
+    return "arrow" if file.suffix == ".arrow" else "parquet"
+
+
+def _load_files(kind: str, files: Sequence[Path]) -> Any:
+    """One Dataset of the files; a failure of a single file names it (`datasets` often does not)."""
+    try:
+        return _datasets().load_dataset(kind, data_files=[str(f) for f in files], split="train")
+    except Exception as error:
+        if len(files) > 1:
+            raise
+        cause = error.__cause__ or error  # DatasetGenerationError hides what went wrong in its cause
+        raise ValueError(f"cannot read {files[0]}: {type(cause).__name__}: {cause}"[:500]) from error
+
+
+class LocalFiles:
+    """The rows of several local tables as one sequence, table after table; a row that fails to read names
+    its table's file(s) (`labels`)."""
+
+    def __init__(self, labels: Sequence[str], parts: Sequence[Any], rows: np.ndarray | None = None) -> None:
+        self.labels, self.parts = list(labels), list(parts)
+        self._ends = np.cumsum([len(part) for part in self.parts])
+        self.rows = np.arange(int(self._ends[-1])) if rows is None else rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Any:
+        part, local = self._part_of(index)
+        try:
+            return self.parts[part][local]
+        except Exception as error:
+            raise OSError(f"{self.labels[part]} row {local}: {type(error).__name__}: {error}") from error
+
+    def locate(self, index: int) -> str:
+        part, local = self._part_of(index)
+        return f"{self.labels[part]} row {local}"
+
+    def _part_of(self, index: int) -> tuple[int, int]:
+        row = int(self.rows[index])
+        part = int(np.searchsorted(self._ends, row, side="right"))
+        return part, row - (int(self._ends[part - 1]) if part else 0)
+
+    def select(self, indices: Sequence[int]) -> LocalFiles:
+        return LocalFiles(self.labels, self.parts, self.rows[np.asarray(indices, dtype=np.int64)])
+
+
 def _ratio_split(dataset: Any, split: str, val_ratio: float, seed: int) -> Any:
     """Deterministic train/val cut of a single-split dataset; "heldout" reads the val part."""
     order = np.random.default_rng([seed, 7919]).permutation(len(dataset))
     num_val = int(len(dataset) * val_ratio)
     if split != "train" and num_val == 0:
-        raise ValueError(f"split {split!r} is empty: set data.val_ratio > 0 or provide a validation split")
+        raise ValueError(
+            f"split {split!r} is empty: data.val_ratio {val_ratio} of {len(dataset)} rows is no whole row; raise "
+            "data.val_ratio or provide a validation split"
+        )
     return dataset.select(sorted(order[:num_val] if split != "train" else order[num_val:]))
 
 

@@ -100,6 +100,8 @@ def report(args: argparse.Namespace, seen: dict[str, list[int]], seconds: float,
         "text_tokens_per_doc": distribution(seen["text"]),
         "tiles_per_doc": dict(sorted(Counter(seen["tiles"]).items())),
         "read": stats.read,
+        # Read but in no batch yet: the packing buffer when the count stopped (read = samples + dropped + this).
+        "buffered": stats.read - stats.samples - stats.num_dropped,
         "dropped": dict(stats.dropped),
         "events": dict(stats.events),
     }
@@ -121,7 +123,7 @@ def render(summary: dict[str, Any]) -> str:
         f"tiles/doc       {summary['tiles_per_doc']}",
         f"rows            {summary['docs_per_row']:.2f} docs/row, {summary['tiles_per_row']:.2f} tiles/row",
         f"packing         {100 * summary['packing_efficiency']:.2f} % (non-pad tokens / row capacity)",
-        f"read            {summary['read']} raw samples",
+        f"read            {summary['read']} raw samples ({summary['buffered']} still in the packing buffer)",
         f"dropped         {summary['dropped'] or 'none'}",
         f"conversions     {summary['events'] or 'none'}",
     ])

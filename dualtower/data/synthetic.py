@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -300,13 +301,37 @@ def heldout_examples(
     question_types: tuple[str, ...] | None = None,
     difficulty: str = "easy",
 ) -> list[dict[str, Any]]:
-    """`n` held-out single-question examples: {"images", "question", "answer", "question_type"}."""
-    source = SyntheticSource(seed, "heldout", n, question_types, difficulty, max_turns=1)
+    """`n` held-out single-question examples: {"images", "question", "answer", "question_type"}.
+
+    Question types take turns, and so do the answers within a type: the k-th question of a type has the answer
+    `answer_space(type)[k % len]`. Drawn independently, a small set is lopsided (64 easy questions let a
+    constant answer per type score 45%); balanced, that baseline is chance.
+    """
+    source = SyntheticSource(seed, "heldout", _HELDOUT_POOL, question_types, difficulty, max_turns=1)
+    types = source.question_types
+    # Per position of question_types: the next source index of that type, and drawn examples not yet used.
+    cursors = list(range(len(types)))
+    spares: list[dict[str, list[dict[str, Any]]]] = [defaultdict(list) for _ in types]
     examples = []
-    for index in range(n):
-        sample = source[index]
-        turn = sample["texts"][0]
-        qtype = source.question_types[index % len(source.question_types)]
-        examples.append({"images": sample["images"], "question": turn["user"], "answer": turn["assistant"],
-                         "question_type": qtype})
+    for slot in range(n):
+        position = slot % len(types)
+        answers = answer_space(types[position], difficulty)
+        wanted = answers[(slot // len(types)) % len(answers)]
+        while not spares[position][wanted]:
+            if cursors[position] >= _HELDOUT_POOL:
+                raise RuntimeError(f"no held-out {types[position]} question answered {wanted!r}")
+            example = _single_question(source, cursors[position], types[position])
+            spares[position][example["answer"]].append(example)
+            cursors[position] += len(types)
+        examples.append(spares[position][wanted].pop(0))
     return examples
+
+
+_HELDOUT_POOL = 1 << 30  # held-out indices to draw from: answers are uniform, so few are ever drawn
+
+
+def _single_question(source: SyntheticSource, index: int, question_type: str) -> dict[str, Any]:
+    sample = source[index]
+    turn = sample["texts"][0]
+    return {"images": sample["images"], "question": turn["user"], "answer": turn["assistant"],
+            "question_type": question_type}
