@@ -181,6 +181,38 @@ def test_offline_mmstar_run_writes_results(checkpoint: Path, tmp_path: Path, cap
     assert "average" in capsys.readouterr().out
 
 
+def test_an_undecodable_image_scores_its_row_0_and_the_others_are_generated(caplog) -> None:
+    import io
+    from types import SimpleNamespace
+
+    from dualtower.eval.offline import evaluate_mmstar_rows
+
+    encoded = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(encoded, format="PNG")
+    good = {"bytes": encoded.getvalue(), "path": None}
+    broken = {"bytes": encoded.getvalue()[:20], "path": None}  # a cut file
+    rows = [
+        {"index": i, "question": f"Q{i}?\nOptions: A: x, B: y", "image": image, "answer": "A",
+         "category": "c", "l2_category": "l"}
+        for i, image in enumerate([good, broken, [good, broken], good])
+    ]  # fmt: skip
+    asked = []
+
+    def generate(prompts, sampling):
+        asked.extend(prompt.text for prompt in prompts)
+        return ["A"] * len(prompts)
+
+    runner = SimpleNamespace(seed=0, generate=generate)
+    with caplog.at_level("WARNING", logger="dualtower.eval.offline"):
+        results, samples = evaluate_mmstar_rows(runner, rows)
+    assert [("Q0?" in text, "Q3?" in text) for text in asked] == [(True, False), (False, True)]
+    assert [s["score"] for s in samples] == [1.0, 0.0, 0.0, 1.0]
+    assert ["error" in s for s in samples] == [False, True, True, False]
+    assert samples[1]["error"].startswith("cannot decode image")
+    assert results["unreadable_images"] == 2 and results["average"] == 0.5
+    assert "MMStar row 1: cannot decode image" in caplog.text and "MMStar row 2" in caplog.text
+
+
 def test_missing_lmms_eval_is_one_clear_error(monkeypatch: pytest.MonkeyPatch):
     from dualtower.evaluate import import_lmms_eval
 

@@ -14,6 +14,7 @@ from model_helpers import random_batch
 from dualtower.model import DualTowerVLM
 from dualtower.model.config import LMConfig, ModelConfig, VisionConfig, flavor
 from dualtower.training import FlopCounter
+from dualtower.training.flops import peak_flops
 
 # One tile, no extra prefix tokens: P = 1 global token + 4 image tokens; then a document of 2 tiles + 1 token.
 DOCS = [(1, 0, 3), (2, 1, 4)]
@@ -53,7 +54,8 @@ def expected_flops(cfg: ModelConfig, num_supervised: int, trains: dict[str, bool
     tiles = sum(d[0] for d in DOCS)
     flops = tiles * patches * _cost(vit_weights, trains["vision"], vision_flow)
     flops += tiles * patches**2 * 4 * v.hidden_dim * v.n_blocks * (3 if vision_flow else 1)
-    flops += tiles * cfg.image_tokens_per_tile * _cost(projector_weights, trains["projector"], projector_flow)
+    # The projector is one layer: its input gradient is needed only for a training vision tower.
+    flops += tiles * cfg.image_tokens_per_tile * _cost(projector_weights, trains["projector"], vision_flow)
     flops += sum(PREFIX_LENS) * _cost(left_weights, trains["left"], left_flow)
     prefix_pairs = sum(p * (p + 1) // 2 for p in PREFIX_LENS)
     flops += prefix_pairs * pair * (lm.n_blocks - 1) * (3 if left_flow else 1)
@@ -87,3 +89,45 @@ def test_flop_counter_equals_the_formula(case: str) -> None:
     # Gradients reach the left tower whenever anything upstream of it (here the projector) trains.
     assert counter.left_flow == (case != "right_only")
     assert counter.batch_flops(batch) == float(expected_flops(model.cfg, batch.num_supervised, trains))
+
+
+@pytest.mark.parametrize("vision_trains", [False, True])
+def test_projector_flops_equal_what_autograd_runs(vision_trains: bool) -> None:
+    """torch's own FLOP counter over the projector's forward and backward, with its input needing a gradient
+    only when the vision tower (upstream) trains."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = DualTowerVLM.from_config(tiny_config())
+    model.vision_encoder.requires_grad_(vision_trains)
+    cfg = model.cfg
+    tiles = 3
+    features = torch.randn(tiles, cfg.vision.patches_per_side**2, cfg.vision.hidden_dim, requires_grad=vision_trains)
+    with FlopCounterMode(display=False) as measured:
+        model.projector(features).sum().backward()
+    counted = tiles * cfg.image_tokens_per_tile * FlopCounter(model).projector_per_token
+    assert counted == measured.get_total_flops()
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),  # SXM
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA H200 NVL", 835e12),
+        ("NVIDIA GH200 480GB", 989e12),  # the Hopper GPU of a Grace Hopper superchip: an H100 SXM's peak
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA A100 80GB PCIe", 312e12),
+        ("NVIDIA B200", 2.25e15),
+        ("NVIDIA GB200", 2.5e15),
+        ("NVIDIA RTX A1000 6GB Laptop GPU", None),  # not an A100: a name only containing "A100" must not match
+        ("NVIDIA H20", None),
+        ("NVIDIA H100 80GB HBM3 MIG 3g.40gb", None),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_peak_flops_of_the_detected_gpu(monkeypatch: pytest.MonkeyPatch, name: str, peak: float | None) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda", 0)) == peak
+    assert peak_flops(torch.device("cpu")) is None

@@ -46,6 +46,13 @@ def test_windows_sum_their_micro_batches_and_the_last_step_is_logged(tmp_path) -
         assert record["packing_efficiency"] == pytest.approx(tokens / sum(b.num_rows * 300 for b in window))
 
 
+def test_unpacked_batches_log_no_packing_efficiency(tmp_path) -> None:
+    model = tiny_model()
+    batches = [replace(b, row_capacity=0) for b in _packed_batches(model, 2)]  # as collated with data.pack off
+    build_trainer(model, batches, tmp_path, _job(steps=2, log_every=1)).train()
+    assert [r["packing_efficiency"] for r in read_metrics(tmp_path)] == [None, None]
+
+
 def test_a_logged_record_has_the_window_loss_rates_lrs_and_the_unclipped_norm(tmp_path) -> None:
     model = tiny_model().double()
     batches = _packed_batches(model, 3)
@@ -127,3 +134,38 @@ def test_cpu_peak_memory_is_the_resident_peak_in_gib() -> None:
     peak = peak_memory_gib(torch.device("cpu"))
     assert 0.05 < peak < 1024  # a process with torch loaded holds more than 50 MiB
     assert peak == pytest.approx(rss_kib / 2**20, rel=0.5)
+
+
+def _with_counters(trainer, stats) -> None:
+    trainer.parts.train_loader.stats = stats  # as the real loader exposes them
+
+
+def test_the_train_datas_drops_are_recorded_at_checkpoints_and_the_end(tmp_path, capsys) -> None:
+    from collections import Counter
+
+    from dualtower.data.counters import LoaderStats
+
+    model = tiny_model()
+    cfg = _job(steps=3, log_every=1)
+    cfg.checkpoint.enabled, cfg.checkpoint.every, cfg.metrics.progress = True, 2, "line"
+    trainer = build_trainer(model, _packed_batches(model, 3), tmp_path, cfg)
+    stats = LoaderStats(read=12, samples=8, dropped=Counter(bad_image=3, too_long=1), events=Counter(truncated=2))
+    _with_counters(trainer, stats)
+    trainer.train()
+    data = [r for r in read_metrics(tmp_path) if "data/read" in r]
+    expected = {"data/read": 12, "data/samples": 8, "data/dropped": 4, "data/dropped/bad_image": 3,
+                "data/dropped/too_long": 1, "data/converted/truncated": 2}
+    assert data == [{"step": 2, **expected}, {"step": 3, **expected}]  # the checkpoint at 2, the end at 3
+    assert "data step 3: data/read 12" in capsys.readouterr().err
+
+
+def test_a_final_checkpoint_records_the_data_counters_once(tmp_path) -> None:
+    from dualtower.data.counters import LoaderStats
+
+    model = tiny_model()
+    cfg = _job(steps=2, log_every=1)
+    cfg.checkpoint.enabled, cfg.checkpoint.every = True, 2
+    trainer = build_trainer(model, _packed_batches(model, 2), tmp_path, cfg)
+    _with_counters(trainer, LoaderStats(read=5, samples=5))
+    trainer.train()
+    assert [r["step"] for r in read_metrics(tmp_path) if "data/read" in r] == [2]

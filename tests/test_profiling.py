@@ -87,6 +87,39 @@ def test_training_hands_the_profiler_one_based_optimizer_steps(tmp_path) -> None
     assert wrapped == [(1, 0), (2, 1)]  # step n is traced while it runs (trainer.step counts finished ones)
 
 
+def test_step_profiler_counts_the_seconds_spent_writing_traces(tmp_path, monkeypatch) -> None:
+    import time
+
+    real_export = torch.profiler.profile.export_chrome_trace
+
+    def slow_export(self, path: str) -> None:
+        time.sleep(0.3)
+        real_export(self, path)
+
+    monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", slow_export)
+    cfg = SimpleNamespace(enabled=True, steps=(1,), folder="profile")
+    profiler = StepProfiler(cfg, tmp_path, rank=0, device=torch.device("cpu"))
+    with profiler.step(2):  # not traced
+        pass
+    assert profiler.take_writing_seconds() == 0.0
+    with profiler.step(1):
+        torch.randn(8, 8).sum()
+    assert profiler.take_writing_seconds() >= 0.3
+    assert profiler.take_writing_seconds() == 0.0  # taken once
+
+
+def test_trace_writing_is_not_counted_as_training_time(tmp_path) -> None:
+    """tokens_per_s of a window with a traced step leaves out the time the trace took to write."""
+    from test_train_utils import build_trainer, default_job, make_batches, read_metrics, tiny_model
+
+    cfg = default_job()
+    cfg.training.steps = 1
+    trainer = build_trainer(tiny_model(), make_batches(tiny_model(), [[(0, 0, 4)]]), tmp_path, cfg)
+    trainer.parts.profiler.take_writing_seconds = lambda: 1e6  # far longer than the step itself
+    trainer.train()
+    assert read_metrics(tmp_path)[0]["tokens_per_s"] > 1e9  # elapsed = wall time - 1e6 s, floored at 1e-9 s
+
+
 def _event(name: str, ts: float, dur: float, cat: str = "cpu_op", tid: int = 1, ext: int | None = None) -> dict:
     args = {} if ext is None else {"External id": ext}
     return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": tid, "args": args}

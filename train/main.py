@@ -37,7 +37,8 @@ def run(cfg: JobConfig) -> None:
         run_dir = Path(cfg.job.run_dir)
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+            if not cfg.checkpoint.export_only:  # an export of the run must not replace the record of its training
+                (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         ops.set_backend(cfg.model.attention_backend)
         try:
             ops.check_backends(env.device)

@@ -4,7 +4,9 @@ Columns: `index`, `question` (lettered options inside), `image` (encoded bytes, 
 or a list of either), `answer` (a letter), `category`, `l2_category`. Prompts are built as lmms-eval's
 `mmstar` task and the original wrapper build them (post prompt, then the benchmark formatting table), the
 model generates, the letter is extracted with lmms-eval's rule and the score is MMStar's mean of
-per-l2-category means (dualtower.eval.mmstar).
+per-l2-category means (dualtower.eval.mmstar). A row whose image cannot be decoded is not generated for: it
+scores 0 (the score stays over every row, comparable with full runs), its sample record carries the `error`,
+and the results count it as `unreadable_images`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from dualtower.data.images import ImageLoadError, load_image
 from dualtower.eval import mmstar
 from dualtower.eval.prompts import format_prompt
 from dualtower.eval.runner import EvalModel, EvalPrompt, sampling_from_gen_kwargs
@@ -73,13 +76,38 @@ def evaluate_mmstar_rows(
         raise ValueError("no rows to evaluate")
     kwargs = {**MMSTAR_GEN_KWARGS, **(gen_kwargs or {})}
     sampling = sampling_from_gen_kwargs(kwargs, seed=runner.seed)
+    unreadable = unreadable_rows(rows)
+    readable = [i for i in range(len(rows)) if i not in unreadable]
     start = time.perf_counter()
-    predictions = runner.generate([row_prompt(row) for row in rows], sampling)
+    generated = runner.generate([row_prompt(rows[i]) for i in readable], sampling) if readable else []
     elapsed = time.perf_counter() - start
+    predictions = [""] * len(rows)
+    for i, text in zip(readable, generated, strict=True):
+        predictions[i] = text
     samples = score_predictions(rows, predictions, rule)
+    for i, message in unreadable.items():
+        samples[i].update(score=0.0, error=message)
     results = mmstar.score_rows(samples)
-    results["timing"] = {"generate_s": elapsed, "samples_per_s": len(rows) / elapsed if elapsed else 0.0}
+    results["unreadable_images"] = len(unreadable)
+    results["timing"] = {"generate_s": elapsed, "samples_per_s": len(readable) / elapsed if elapsed else 0.0}
     return results, samples
+
+
+def unreadable_rows(rows: Sequence[Mapping[str, Any]]) -> dict[int, str]:
+    """{position: error} of the rows with an image that cannot be decoded, each logged once.
+
+    Images are decoded here and again when generating: holding every decoded image would cost gigabytes,
+    and one bad image must not stop a run after hours of generation.
+    """
+    unreadable = {}
+    for position, row in enumerate(rows):
+        try:
+            for image in row_images(row):
+                load_image(image)
+        except ImageLoadError as error:
+            unreadable[position] = str(error)
+            logger.warning("MMStar row %s: %s; scored 0", row["index"], error)
+    return unreadable
 
 
 def score_predictions(
@@ -143,8 +171,9 @@ def run_offline_mmstar(
         "task": "mmstar",
         "source": str(parquet),
         "num_samples": len(rows),
+        "unreadable_images": scores["unreadable_images"],
         "extraction_rule": rule,
-        "results": {k: v for k, v in scores.items() if k != "timing"},
+        "results": {k: v for k, v in scores.items() if k not in ("timing", "unreadable_images")},
         "timing": scores["timing"],
         "config": {"gen_kwargs": {**MMSTAR_GEN_KWARGS, **(gen_kwargs or {})}, "limit": limit, **(config or {})},
     }

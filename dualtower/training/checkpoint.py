@@ -2,7 +2,8 @@
 
 A checkpoint is a directory `step_XXXXXXXX/` holding
     DCP shards + .metadata      model and optimizer state (sharded under FSDP; loads on any number of ranks)
-    train_state.json            step, scheduler, skipped-step counters, world size, param groups (rank 0)
+    train_state.json            step, scheduler, skipped-step counters, world size, param groups, the model's
+                                image preprocessing (rank 0)
     rank_XXXXX.pt               each rank's data-loader state and RNG states
 It is written to `.tmp_step_XXXXXXXX/` and renamed when every rank has finished, so a crash mid-save never
 leaves a partial `step_*` directory and the previous checkpoint stays intact (a save first removes the debris of
@@ -20,6 +21,7 @@ the schedule) and the Adam moments come from the checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -226,6 +228,33 @@ def check_param_groups(train_state: dict[str, Any], optimizer, path: Path) -> No
         f"{_layout_text(current)}: resuming needs the same trainable towers (optim.lr_* zero or not) and "
         "optim.decay_norms_and_biases; to train other towers, start a new run from an export (model.checkpoint)"
     )
+
+
+def preprocessing_changes(train_state: dict[str, Any], model_cfg: ModelConfig) -> list[str]:
+    """"image.<field> saved -> current" for each image-preprocessing setting (ModelConfig.image: mean, std,
+    max_img_size, ...) that differs from the one the checkpoint was trained with. The weights do not show
+    these (a DCP load succeeds whatever they are), so they are recorded in train_state.json; checkpoints
+    written before that record nothing to compare."""
+    saved = train_state.get("image")
+    if saved is None:
+        return []
+    current = dataclasses.asdict(model_cfg.image)
+    return [
+        f"image.{key} {_plain(saved[key])} -> {_plain(value)}"
+        for key, value in current.items()
+        if key in saved and _plain(saved[key]) != _plain(value)
+    ]
+
+
+def check_preprocessing(train_state: dict[str, Any], model_cfg: ModelConfig, path: Path) -> None:
+    """Refuse to export a checkpoint with other image preprocessing than it was trained with: the export's
+    config.json would make every later user of it feed the weights differently normalized pixels."""
+    changes = preprocessing_changes(train_state, model_cfg)
+    if changes:
+        raise CheckpointError(
+            f"{path} was trained with other image preprocessing than the config gives ({'; '.join(changes)}): "
+            "export it with the recipe it was trained with"
+        )
 
 
 def _layout_text(layout: list) -> str:

@@ -18,7 +18,8 @@ norms excluded; the tied head counts as a matmul):
 So a trainable tower costs 6 P, a frozen tower that gradients must cross (the default right LM, which passes
 gradients to the left tower's K/V) 4 P, and a frozen tower with nothing trainable upstream (the default
 frozen ViT) 2 P: forward only. The first layer of a tower never needs its input gradient when nothing upstream
-trains; that overcount (2 P of one layer) is ignored.
+trains; that overcount (2 P of one layer) is ignored, except for the projector: it is one layer, so its input
+gradient counts only when the vision tower trains.
 
 Attention FLOPs: 4 x head_dim x heads per (query, visible key) pair in the forward pass (Q K^T and P V), and
 3 times that when gradients flow through the tower (the backward pass costs twice the forward; a
@@ -27,12 +28,14 @@ document and layer, text queries P + j + 1 keys each, the ViT S^2 per tile and l
 the full square; this counts the work the model requires, so the number is the same whichever kernel runs.)
 
 Peak bf16 dense FLOP/s (torchtitan's table): H100 SXM 989e12, H100 NVL 835e12, H100 PCIe 756e12, H200 989e12,
-H200 NVL 835e12, A100 312e12, B200 2.25e15. On other devices, MIG slices and CPUs MFU is reported as null.
+H200 NVL 835e12, GH200 989e12, A100 312e12, B200 2.25e15, GB200 2.5e15. A model is matched as a whole word of
+the device name (an "RTX A1000" is no A100). On other devices, MIG slices and CPUs MFU is reported as null.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from torch import nn
@@ -41,17 +44,23 @@ from dualtower.batch import PackedBatch
 
 logger = logging.getLogger(__name__)
 
-# Ordered: the first substring found in the device name wins.
+# Ordered: the first model found in the device name wins (variants before their base model).
 PEAK_BF16_FLOPS = (
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
     ("H100", 989e12),
     ("H200 NVL", 835e12),
     ("H200", 989e12),
+    ("GH200", 989e12),  # the Hopper GPU of a Grace Hopper superchip runs at an H100 SXM's peak
     ("A100", 312e12),
     ("GB200", 2.5e15),
     ("B200", 2.25e15),
 )
+
+
+def _names_model(device_name: str, model: str) -> bool:
+    """`model` as whole words of `device_name`: "A100-SXM4-80GB" names an A100, "RTX A1000" does not."""
+    return re.search(rf"(?<![A-Za-z0-9]){re.escape(model)}(?![A-Za-z0-9])", device_name) is not None
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -62,8 +71,8 @@ def peak_flops(device: torch.device) -> float | None:
     if " MIG " in f" {name} ":  # a slice of the card: its share of the peak is not known from the name
         logger.warning("MIG device %r: MFU is reported as null", name)
         return None
-    for key, value in PEAK_BF16_FLOPS:
-        if key in name:
+    for model, value in PEAK_BF16_FLOPS:
+        if _names_model(name, model):
             return value
     logger.warning("unknown peak FLOP/s for %r: MFU is reported as null", name)
     return None
@@ -111,7 +120,8 @@ class FlopCounter:
         head_trains = text.head.weight.requires_grad
         head = text.head.weight.numel()
         self.vision_per_patch = _per_token(vision_t, vision_f, self.vision_flow)
-        self.projector_per_token = _per_token(projector_t, projector_f, self.projector_flow)
+        # One layer: its input gradient is needed only where the vision tower upstream trains.
+        self.projector_per_token = _per_token(projector_t, projector_f, self.vision_flow)
         self.left_per_token = _per_token(left_t, left_f, self.left_flow)
         self.text_per_token = _per_token(text_t, text_f, self.text_flow)
         self.head_per_token = _per_token(head if head_trains else 0, 0 if head_trains else head, self.text_flow)

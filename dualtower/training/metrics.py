@@ -2,8 +2,11 @@
 optional Weights & Biases, all written by rank 0.
 
 Training records carry `step`, `loss`, `lr`, `grad_norm`, `tokens_per_s`, `mfu`, `peak_mem_gib`,
-`packing_efficiency` (plus `lr/<tower>`, `skipped_steps`); evaluation records carry `eval/...` keys.
-`mfu` is null where the device's peak is unknown (CPUs; see dualtower.training.flops).
+`packing_efficiency` (plus `lr/<tower>`, `skipped_steps`); evaluation records carry `eval/...` keys; at each
+checkpoint and at the end, a record of the train data's counters over all ranks: `data/read`, `data/samples`,
+`data/dropped` and per reason `data/dropped/<reason>`, `data/converted/<kind>` (truncated, repaired, ...).
+`mfu` is null where the device's peak is unknown (CPUs; see dualtower.training.flops). `packing_efficiency`
+(non-pad tokens / row capacity) is null when `data.pack` is off: nothing is padded then, rows have no capacity.
 
 A resumed run repeats the steps after its checkpoint: `rewind` first moves their records (and a line cut by a
 kill) from `metrics.jsonl` to `metrics.superseded.jsonl`, so the file stays one timeline and nothing is lost.
@@ -22,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from dualtower.data.counters import LoaderStats
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +78,20 @@ class MetricsLogger:
         if self.cfg.progress != "none":
             self._console(clean)
 
+    def log_data_counts(self, step: int, shares: list[dict[str, Any]]) -> None:
+        """One record of the train loader's counters, from each rank's `LoaderStats.to_dict()`."""
+        total = LoaderStats()
+        for share in shares:
+            total.merge(LoaderStats.from_dict(share))
+        self.log({
+            "step": step,
+            "data/read": total.read,
+            "data/samples": total.samples,
+            "data/dropped": total.num_dropped,
+            **{f"data/dropped/{reason}": count for reason, count in sorted(total.dropped.items())},
+            **{f"data/converted/{kind}": count for kind, count in sorted(total.events.items())},
+        })
+
     def rewind(self, step: int) -> None:
         """Before a run resumed at `step` logs again: move the records of later steps, and any line that is not
         a complete record, to metrics.superseded.jsonl (appended). Rank 0 only."""
@@ -94,9 +113,10 @@ class MetricsLogger:
 
     def _console(self, record: dict[str, Any]) -> None:
         step = record["step"]
-        if any(key.startswith("eval/") for key in record):
+        if "loss" not in record:  # an evaluation or data-counter record: one line of its own figures
+            kind = next((key.split("/")[0] for key in record if "/" in key), "record")
             figures = "  ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k != "step")
-            sys.stderr.write(f"\neval step {step}: {figures}\n")
+            sys.stderr.write(f"\n{kind} step {step}: {figures}\n")
             return
         figures = "  ".join(f"{k} {_fmt(record.get(k))}" for k in TRAIN_KEYS[1:])
         elapsed = time.perf_counter() - self.start

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class StepProfiler:
         self.folder = run_dir / profile_cfg.folder
         self.rank = rank
         self.device = device
+        self.writing_s = 0.0  # seconds spent writing traces since the last take_writing_seconds()
 
     @contextlib.contextmanager
     def step(self, step: int) -> Iterator[None]:
@@ -51,6 +53,13 @@ class StepProfiler:
             yield
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # the step's kernels end inside the trace
+            stepped = time.perf_counter()
+        self.writing_s += time.perf_counter() - stepped
+
+    def take_writing_seconds(self) -> float:
+        """Seconds spent stopping the profiler and writing traces since the last call: not training time."""
+        seconds, self.writing_s = self.writing_s, 0.0
+        return seconds
 
     def warn_untraced(self, first_step: int, last_step: int) -> None:
         """Warn (rank 0) about chosen steps outside first_step..last_step, the steps this run will train:

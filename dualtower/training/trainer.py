@@ -17,6 +17,7 @@ step with a non-finite loss or gradient norm adds neither its loss nor its super
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -32,7 +33,13 @@ from torch.distributed.tensor import DTensor
 from dualtower.batch import PackedBatch
 from dualtower.model import ModelConfig
 from dualtower.parallel import DistEnv, ParallelPlan, set_gradient_sync
-from dualtower.training.checkpoint import Checkpointer, export_pretrained, full_model_copy
+from dualtower.training.checkpoint import (
+    Checkpointer,
+    check_preprocessing,
+    export_pretrained,
+    full_model_copy,
+    preprocessing_changes,
+)
 from dualtower.training.evaluate import Evaluator
 from dualtower.training.flops import FlopCounter, peak_flops
 from dualtower.training.metrics import MetricsLogger, peak_memory_gib
@@ -56,7 +63,7 @@ class _Window:
     flops: float = 0.0
     row_capacity: int = 0
     start: float = field(default_factory=time.perf_counter)
-    paused: float = 0.0  # seconds spent in evaluation and checkpoints: not training time
+    paused: float = 0.0  # seconds spent in evaluation, checkpoints and writing traces: not training time
 
     def add_batch(self, batch: PackedBatch, flops: float) -> None:
         self.supervised += batch.num_supervised
@@ -124,6 +131,7 @@ class Trainer:
         if self.parts.checkpointer.cfg.export_only:
             return self._export_only()
         self._resume()
+        first_step = self.step
         batches = self._batch_stream()
         window = _Window()
         total = self.cfg.steps
@@ -132,6 +140,7 @@ class Trainer:
             micro = [next(batches) for _ in range(self.cfg.micro_batches)]
             with self.parts.profiler.step(self.step + 1):
                 self.train_step(micro, window)
+            window.paused += self.parts.profiler.take_writing_seconds()
             self.step += 1
             self.parts.scheduler.step()
             if self.step % self.parts.metrics.cfg.log_every == 0 or self.step == total:
@@ -143,6 +152,8 @@ class Trainer:
             if self._checkpoint_due():
                 self.save()
             window.paused += time.perf_counter() - pause
+        if self.step > first_step and self.last_saved_step != self.step:  # a save logged them already
+            self._log_data_counts()
         self._finish()
         return self.step
 
@@ -279,7 +290,12 @@ class Trainer:
         return periodic or (cfg.save_final and self.step == self.cfg.steps)
 
     def _train_state(self) -> dict[str, Any]:
-        return {"skipped_total": int(self.skipped_total), "nonfinite_streak": int(self.nonfinite_streak)}
+        # The image preprocessing is recorded because an export of the checkpoint must carry the one it trained with.
+        return {
+            "skipped_total": int(self.skipped_total),
+            "nonfinite_streak": int(self.nonfinite_streak),
+            "image": dataclasses.asdict(self.parts.model_cfg.image),
+        }
 
     def save(self) -> Path:
         parts = self.parts
@@ -289,7 +305,20 @@ class Trainer:
             self.step, self.model, self.optimizer, parts.scheduler, parts.train_loader, self._train_state()
         )
         self.last_saved_step = self.step
+        self._log_data_counts()
         return path
+
+    def _log_data_counts(self) -> None:
+        """The train loader's counters summed over ranks (samples read, in batches, dropped by reason, converted):
+        skipped input shows in metrics.jsonl, not only in warnings. Collective; at checkpoints and the end."""
+        stats = getattr(self.parts.train_loader, "stats", None)
+        if stats is None:  # a plain iterable of batches
+            return
+        shares = [stats.to_dict()]
+        if dist.is_initialized():
+            shares = [None] * dist.get_world_size()
+            dist.all_gather_object(shares, stats.to_dict())
+        self.parts.metrics.log_data_counts(self.step, shares)
 
     def _resume(self) -> bool:
         """Restore the latest checkpoint (checkpoint.resume); whether there was one."""
@@ -306,6 +335,9 @@ class Trainer:
         if fused != self.fused:
             logger.warning("resume: the checkpoint's AdamW implementation (fused=%s) is kept over the config's", fused)
             self.fused = fused
+        changes = preprocessing_changes(state, self.parts.model_cfg)
+        if changes:
+            logger.warning("resume: the config changes the image preprocessing: %s", "; ".join(changes))
         self.skipped_total.fill_(state.get("skipped_total", 0))
         self.nonfinite_streak.fill_(state.get("nonfinite_streak", 0))
         return True
@@ -314,7 +346,9 @@ class Trainer:
         path = self.parts.checkpointer.resume_path()
         if path is None:
             raise FileNotFoundError("checkpoint.export_only: no checkpoint to export (see checkpoint.resume)")
-        self.step = self.parts.checkpointer.load_model(path, self.model)["step"]
+        state = self.parts.checkpointer.load_model(path, self.model)
+        check_preprocessing(state, self.parts.model_cfg, path)
+        self.step = state["step"]
         self.export()
         return self.step
 
