@@ -1,9 +1,13 @@
 """A checkpoint saved by the original DualTowerVLM code, answered by `python -m dualtower.generate`, prints the
 greedy text of the original algorithm: every new token from a full recomputation with dense masks (the right
 tower over the whole sequence with the prefix K/V replaced, tests/model_helpers.py), stopped at EOS and decoded
-with skip_special_tokens as the original's callers do."""
+with skip_special_tokens as the original's callers do. The decode benchmark's baseline
+(benchmarks/original_generate.py) gives the same tokens, and half-precision original checkpoints load."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,11 @@ from dualtower.batch import PackedBatch
 from dualtower.generate import main
 from dualtower.generation.requests import GenerationRequest, prepare_requests
 from dualtower.model import DualTowerVLM
+from dualtower.model.config import LMConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import original_generate as baseline
+from bench_decode import make_prompt
 
 EOS = 2
 NEW_TOKENS = 12
@@ -85,3 +94,39 @@ def test_original_checkpoint_generates_the_original_greedy_text(tmp_path, capsys
             "--max_new_tokens", NEW_TOKENS, "--dtype", "float32"]  # fmt: skip
     assert main([str(a) for a in argv]) == 0
     assert capsys.readouterr().out.strip() == expected.strip()  # the CLI prints each answer stripped
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_original_checkpoint_loads(tmp_path, dtype) -> None:
+    """The original saves its persistent inv_freq buffers in the model's dtype. In fp16 the lowest frequencies
+    of SmolLM2's 64-wide heads at theta 1e5 (down to 1.4e-5) are subnormal, rounded to a fixed 6e-8 step: more
+    than one unit of relative precision, yet the very frequencies the config describes."""
+    from test_hub import assert_same_state, tiny_config
+
+    cfg = tiny_config()
+    cfg.lm = LMConfig(hidden_dim=128, inter_dim=64, n_heads=2, n_kv_heads=1, n_blocks=1, base_vocab_size=200)
+    model = DualTowerVLM.from_config(cfg.validate()).eval()
+    assert model.cfg.lm.head_dim == 64 and model.cfg.lm.rope_theta == 1e5  # SmolLM2's
+    write_original(original_modules(model).to(dtype), model.cfg, tmp_path)  # casts `model` too
+    loaded = DualTowerVLM.from_pretrained(tmp_path)
+    assert_same_state(loaded, model)
+    assert loaded.left_decoder.rotary.inv_freq.dtype == torch.float32
+
+
+def test_benchmark_baseline_generates_the_original_greedy_tokens(monkeypatch) -> None:
+    """benchmarks/original_generate.py (bench_decode's baseline) is the original's loop: every row's tokens equal
+    the full recomputation's, and it runs one right-tower step per new token, the last one thrown away."""
+    torch.manual_seed(0)
+    model = DualTowerVLM.from_flavor("debug").eval().requires_grad_(False)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    prompts = [make_prompt(model, 2, 9, seed=seed) for seed in range(2)]
+    steps = []
+    decode_step = baseline._decode_step
+    monkeypatch.setattr(baseline, "_decode_step", lambda *args: steps.append(1) or decode_step(*args))
+    tokens, _, _ = baseline.original_generate(model, baseline.original_batch(prompts, torch.device("cpu")), 8)
+    expected = [original_greedy(model, prompt, 8) for prompt in prompts]
+    assert all(len(set(row)) > 2 and EOS not in row for row in expected), expected
+    assert tokens.tolist() == expected
+    assert len(steps) == 8

@@ -126,9 +126,13 @@ def detect_layout(tensors: dict[str, Tensor]) -> str:
 
 def _check_inv_freq(name: str, tensor: Tensor, lm: LMConfig) -> None:
     expected = inverse_frequencies(lm.head_dim, lm.rope_theta)
-    # A checkpoint saved after model.to(bfloat16) stores the buffer rounded: allow one unit of its precision.
-    rtol = max(1e-5, torch.finfo(tensor.dtype).eps) if tensor.is_floating_point() else 1e-5
-    if tensor.shape != expected.shape or not torch.allclose(tensor.float(), expected, rtol=rtol):
+    # A checkpoint saved after model.to(bfloat16 / float16) stores the buffer rounded: allow one unit of its
+    # precision, and one subnormal step (fp16 rounds frequencies below 6e-5 to a fixed 6e-8 grid).
+    rtol, atol = 1e-5, 1e-8
+    if tensor.is_floating_point():
+        info = torch.finfo(tensor.dtype)
+        rtol, atol = max(rtol, info.eps), max(atol, info.smallest_normal * info.eps)
+    if tensor.shape != expected.shape or not torch.allclose(tensor.float(), expected, rtol=rtol, atol=atol):
         raise CheckpointError(f"{name} does not match rope_theta {lm.rope_theta} and head_dim {lm.head_dim}")
 
 

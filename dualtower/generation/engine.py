@@ -43,7 +43,7 @@ from dualtower.generation.prefix_cache import (
     PrefixKey,
     left_tower_parameters,
     tensor_digest,
-    weights_version,
+    weights_state,
 )
 from dualtower.generation.requests import (
     GenerationRequest,
@@ -99,11 +99,8 @@ class Generator:
     ):
         self.model = model
         self.tokenizer = tokenizer
-        weight = model.text_decoder.token_embedding.weight
-        self.device, self.dtype = weight.device, weight.dtype
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
-        self._left_parameters = left_tower_parameters(model)
-        self._cached_weights_version = weights_version(self._left_parameters)
+        self._cached_weights_state = weights_state(left_tower_parameters(model))
         on_cuda = self.device.type == "cuda"
         self.compile = on_cuda if compile is None else compile
         self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
@@ -121,6 +118,15 @@ class Generator:
         self._graphed: GraphedDecodeStep | None = None
         self.stats = GenerationStats()
         self.phase_hook: Callable[[str], contextlib.AbstractContextManager] | None = None
+
+    # Read from the model at every use: a Generator kept across `model.to(dtype / device)` follows it.
+    @property
+    def device(self) -> torch.device:
+        return self.model.text_decoder.token_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.text_decoder.token_embedding.weight.dtype
 
     # -- public API ---------------------------------------------------------------------------------------
 
@@ -239,13 +245,14 @@ class Generator:
         return entries  # type: ignore[return-value]
 
     def _drop_stale_prefixes(self) -> None:
-        """Empty the prefix cache when the left tower's weights changed in place since it was filled (an
-        optimizer step or load_state_dict between calls): its K/V would be those of the old weights."""
-        version = weights_version(self._left_parameters)
-        if self.prefix_cache is not None and version != self._cached_weights_version and len(self.prefix_cache):
+        """Empty the prefix cache when the left tower's weights changed since it was filled (an optimizer step,
+        load_state_dict, or a move to another dtype or device between calls): its K/V would be those of the old
+        weights. The parameters are looked up again, as a load may have replaced them."""
+        state = weights_state(left_tower_parameters(self.model))
+        if self.prefix_cache is not None and state != self._cached_weights_state and len(self.prefix_cache):
             logger.info("the left tower's weights changed: prefix cache cleared")
             self.prefix_cache.clear()
-        self._cached_weights_version = version
+        self._cached_weights_state = state
 
     def _dedupe_key(self, prompt: PreparedPrompt) -> PrefixKey:
         if self.prefix_cache is not None or prompt.image_digest is not None:
@@ -259,7 +266,10 @@ class Generator:
             stats.vision_tower_runs += 1
             stats.vision_tiles += batch.pixel_values.shape[0]
         kvs = self.model.prefix_kv(batch)
+        # In the model's dtype: under the caller's autocast the K/V are bf16, and a cached bf16 entry would then
+        # meet the fp32 text K/V of a later call made without autocast.
         stacked = torch.stack([t for kv in kvs for t in kv]).unflatten(0, (len(kvs), 2))  # (L, 2, Np, Hkv, D)
+        stacked = stacked.to(self.dtype)
         bounds = batch.cu_prefix.tolist()
         if len(bounds) == 2:  # one prefix: the buffer is its entry
             return [stacked]

@@ -47,14 +47,17 @@ class StaticKVCache:
 
 
 def scatter_rows(cache: Tensor, rows: Tensor, positions: Tensor, values: Tensor) -> None:
-    """cache (B, Hkv, S, D)[rows[i], :, positions[i]] = values[i] for values (N, Hkv, D)."""
-    cache[rows, :, positions] = values
+    """cache (B, Hkv, S, D)[rows[i], :, positions[i]] = values[i] for values (N, Hkv, D).
+
+    Cast to the cache's dtype: under the caller's autocast the blocks of an fp32 model produce bf16 K/V, and an
+    indexed write does not convert."""
+    cache[rows, :, positions] = values.to(cache.dtype)
 
 
 def scatter_layers(cache: Tensor, rows: Tensor, positions: Tensor, values: Tensor) -> None:
     """Every layer in one write: cache (L, B, Hkv, S, D)[:, rows[i], :, positions[i]] = values[:, i], values
-    (L, N, Hkv, D)."""
-    cache.permute(1, 3, 0, 2, 4)[rows, positions] = values.transpose(0, 1)
+    (L, N, Hkv, D); cast to the cache's dtype as in scatter_rows."""
+    cache.permute(1, 3, 0, 2, 4)[rows, positions] = values.transpose(0, 1).to(cache.dtype)
 
 
 @dataclass

@@ -62,6 +62,14 @@ def weights_version(parameters: list[Tensor]) -> int | None:
         return None
 
 
+def weights_state(parameters: list[Tensor]) -> tuple[int | None, tuple[tuple[torch.dtype, torch.device], ...]]:
+    """The update counters plus each parameter's dtype and device: `Module.to(bfloat16)` or a move to another
+    device swaps a parameter's data without touching its counter, and the cached K/V would then be of the wrong
+    dtype or device. (Not data_ptr: sharded parameters have no storage of their own.)"""
+    placement = tuple((parameter.dtype, parameter.device) for parameter in parameters)
+    return weights_version(parameters), placement
+
+
 @dataclass
 class PrefixCacheStats:
     hits: int = 0
