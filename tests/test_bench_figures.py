@@ -1,4 +1,4 @@
-"""Audit of the measuring tools: the figures the benchmarks report and how the summary and breakdown show them."""
+"""The measuring tools: the figures the benchmarks report and how the summary and breakdown show them."""
 
 from __future__ import annotations
 

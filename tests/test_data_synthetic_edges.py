@@ -1,4 +1,4 @@
-"""Audit of the synthetic source's edge cases: the smallest, most elongated images of each difficulty."""
+"""The synthetic source's edge cases: the smallest, most elongated images of each difficulty."""
 
 from __future__ import annotations
 

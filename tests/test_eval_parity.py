@@ -1,4 +1,4 @@
-"""Audit of evaluation: the runner looks the tokenizer up in the checkpoint's own directory first (DESIGN.md
+"""Evaluation: the runner looks the tokenizer up in the checkpoint's own directory first (DESIGN.md
 section 6) whether the checkpoint is given as a directory, as its weights file, or as a Hub repo id (the
 downloaded snapshot); MMStar letter extraction and aggregation equal lmms-eval's own functions."""
 

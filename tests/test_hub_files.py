@@ -1,4 +1,4 @@
-"""Audit of checkpoint reading: unreadable files are CheckpointErrors that name the file, and a directory with
+"""Checkpoint reading: unreadable files are CheckpointErrors that name the file, and a directory with
 both a single weights file and a shard index loads the single file, as transformers does."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Audit checks of the model area: the dual-tower oracle must not share the model's code (or a comparison with
-it cannot fail), and per-op backend overrides mean what set_backend's docstring says."""
+"""The model's test oracle and op overrides: the dual-tower oracle must not share the model's code (or a
+comparison with it cannot fail), and per-op backend overrides mean what set_backend's docstring says."""
 
 from __future__ import annotations
 

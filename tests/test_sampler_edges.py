@@ -1,4 +1,4 @@
-"""Audit of the fused CUDA sampler: prebuilt libraries the GPU cannot run, the compile-only build's error path,
+"""Edges of the fused CUDA sampler: prebuilt libraries the GPU cannot run, the compile-only build's error path,
 and (on a GPU) greedy's edge rows and the kept set on awkward vocabularies."""
 
 from __future__ import annotations
