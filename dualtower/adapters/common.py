@@ -149,9 +149,12 @@ def tied_groups(module: nn.Module) -> list[list[str]]:
 
 
 def canonical_state_dict(module: nn.Module) -> dict[str, Tensor]:
-    """Detached CPU tensors, each shared tensor once under its first name (tied head -> token_embedding)."""
+    """Detached CPU tensors, each shared tensor once under its first name (tied head -> token_embedding), without
+    the `_orig_mod.` a `torch.compile(model)` wrapper puts in front of every name."""
     state = module.state_dict()
-    return {group[0]: state[group[0]].detach().cpu().contiguous() for group in tied_groups(module)}
+    return strip_compile_prefix(
+        {group[0]: state[group[0]].detach().cpu().contiguous() for group in tied_groups(module)}
+    )
 
 
 def expand_tied(module: nn.Module, tensors: dict[str, Tensor], what: str) -> dict[str, Tensor]:
