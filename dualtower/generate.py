@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import sys
@@ -269,6 +268,7 @@ def run(args: argparse.Namespace) -> None:
     pairs = read_requests_file(args.requests) if args.requests else pair_requests(args.image, args.prompt)
     check_image_paths(pairs)
     from dualtower.generation import Generator, SamplingConfig
+    from dualtower.generation.sampling import batch_seed
 
     requests = load_images(pairs)
     device = pick_device(args.device)
@@ -312,16 +312,6 @@ def run(args: argparse.Namespace) -> None:
         sys.stdout.flush()
         if args.stats:
             sys.stderr.write(f"stats: {generator.stats.summary()}\n")
-
-
-def batch_seed(seed: int | None, first_request: int) -> int | None:
-    """The seed of the batch that starts at request `first_request`: --seed itself for the first batch (so a
-    single batch matches the Python API with SamplingConfig(seed=seed)), a hash of both for the others, so that
-    batches of one run do not share their noise and nearby seeds do not give shifted copies of each other."""
-    if seed is None or first_request == 0:
-        return seed
-    digest = hashlib.sha256(f"dualtower.generate:{seed}:{first_request}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1  # a non-negative int64, as every torch.Generator accepts
 
 
 def _output_line(index: int, result: Any, args: argparse.Namespace) -> str:

@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from dualtower.generate import (
-    batch_seed,
     build_parser,
     check_checkpoint,
     main,
@@ -20,6 +19,7 @@ from dualtower.generate import (
     read_requests_file,
 )
 from dualtower.generation import GenerationRequest, Generator, SamplingConfig
+from dualtower.generation.sampling import batch_seed
 from dualtower.model import DualTowerVLM
 
 

@@ -28,6 +28,7 @@ from dualtower.data.document import Document, document_from_prompt
 from dualtower.data.images import ImageProcessor, load_image
 from dualtower.generation import Generator, PreparedPrompt, SamplingConfig
 from dualtower.generation.prefix_cache import image_digest
+from dualtower.generation.sampling import batch_seed
 from dualtower.hub import parse_dtype
 
 logger = logging.getLogger(__name__)
@@ -213,7 +214,9 @@ class EvalModel:
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             prepared = [self._prepared(prompts[i]) for i in chunk]
-            results = self.generator.generate_prepared(prepared, self._within_positions(prepared, sampling))
+            # One seed per batch, as the CLI derives them: with one seed, every batch would draw the same noise.
+            batch_sampling = replace(sampling, seed=batch_seed(sampling.seed, start))
+            results = self.generator.generate_prepared(prepared, self._within_positions(prepared, batch_sampling))
             for index, result in zip(chunk, results, strict=True):
                 texts[index] = cut_at_stop(result.text, sampling.stop_strings)
             if progress is not None:

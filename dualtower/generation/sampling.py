@@ -29,6 +29,7 @@ multinomial draw): no host synchronization, and a `torch.Generator` makes it rep
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -132,3 +133,14 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
+
+
+def batch_seed(seed: int | None, first_request: int) -> int | None:
+    """The seed of the batch that starts at request `first_request` of a run split into batches (the generate
+    CLI, evaluation): the seed itself for the first batch (so a single batch matches SamplingConfig(seed=seed)),
+    a hash of both for the others, so that batches of one run do not share their noise and nearby seeds do not
+    give shifted copies of each other."""
+    if seed is None or first_request == 0:
+        return seed
+    digest = hashlib.sha256(f"dualtower.generate:{seed}:{first_request}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # a non-negative int64, as every torch.Generator accepts
