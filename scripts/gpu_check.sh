@@ -32,7 +32,8 @@
 # `--prepare` on a CPU machine first and carry runs/gpu_assets to the GPU machine (it is git-ignored), or point
 # DUALTOWER_TOKENIZER_DIR at a saved tokenizer. Without it those two are skipped, saying why. A prebuilt sampler
 # in runs/gpu_assets/csrc spares the gpu tests a minute of nvcc, and lets them run where nvcc is missing.
-# Exit status: the number of stages that failed or timed out (0 = all passed).
+# Exit status: the number of stages that failed or timed out (0 = all passed); 2 before anything runs when
+# GPU_CHECK_STAGES names an unknown stage. OUT_DIR's stage JSONs from an earlier run are removed first.
 # For testing the script itself: GPU_CHECK_INSTALL=0 skips the install, GPU_CHECK_ALLOW_CPU=1 runs the stages on
 # a CPU (CPU figures; the GPU-only cases skip).
 set -uo pipefail
@@ -50,6 +51,17 @@ tokenizer_dir=${DUALTOWER_TOKENIZER_DIR:-runs/gpu_assets/tokenizer}
 sampler_library=runs/gpu_assets/csrc/dualtower_csrc_sampling.so
 failed=()
 statuses=()  # one line per stage, repeated in summary.md
+stages=(install gpu_tests train train_compiled decode kernels other_benchmarks profile_360m compiled)
+bench_stages=(train decode kernels train_compiled other_benchmarks compiled)  # the summary's order
+
+# A misspelt stage would select nothing and pass: on a GPU machine's short lease, a lost run.
+IFS=, read -ra chosen <<<"${GPU_CHECK_STAGES:-}"
+for stage in "${chosen[@]}"; do
+    if [[ -n $stage && " ${stages[*]} " != *" $stage "* ]]; then
+        echo "GPU_CHECK_STAGES: unknown stage '$stage' (stages: ${stages[*]})" >&2
+        exit 2
+    fi
+done
 
 if [[ $mode == prepare ]]; then
     python - "$tokenizer_dir" <<'EOF' || exit 1
@@ -65,6 +77,18 @@ EOF
     exit 0
 fi
 
+shell_words() {  # the arguments as one command line that a shell reads back as the same arguments
+    local arg words=()
+    for arg in "$@"; do
+        if [[ $arg =~ ^[A-Za-z0-9_./=:,@%+-]+$ ]]; then
+            words+=("$arg")
+        else
+            words+=("'${arg//\'/\'\\\'\'}'")
+        fi
+    done
+    echo "${words[*]}"
+}
+
 run_stage() {  # run_stage NAME LIMIT_S COMMAND...: runs COMMAND under min(LIMIT_S, time left), logs to NAME.log
     local name=$1 limit=$2
     shift 2
@@ -75,7 +99,7 @@ run_stage() {  # run_stage NAME LIMIT_S COMMAND...: runs COMMAND under min(LIMIT
     local left=$((budget - SECONDS - reserve))
     ((limit > left)) && limit=$left
     if [[ $mode == dry ]]; then
-        printf '%-16s <= %3s s  %s\n' "$name" "$limit" "$*"
+        printf '%-16s <= %3s s  %s\n' "$name" "$limit" "$(shell_words "$@")"
         return 0
     fi
     if ((limit < 20)); then
@@ -111,6 +135,9 @@ if [[ $mode == run ]]; then
     # No network on the GPU machine: the Hub client must not probe it (a DNS lookup and a timeout per load).
     export WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
     : >"$DUALTOWER_BENCH_LOG"
+    # This run's results only: an earlier run's stage JSON (a stage skipped, not selected, or cut before pytest
+    # wrote its own) would be summarized as this run's figures.
+    for stage in "${bench_stages[@]}"; do rm -f "$out_dir/$stage.json"; done
 fi
 [[ ${GPU_CHECK_INSTALL:-1} == 1 ]] && run_stage install 60 python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 if [[ $mode == run ]]; then
@@ -141,7 +168,7 @@ mapfile -t gpu_test_files < <(grep -l "pytest.mark.gpu" tests/test_*.py)
 ((${#gpu_test_files[@]})) || gpu_test_files=(tests)
 run_stage gpu_tests 150 env DUALTOWER_AUTOTUNE=0 python -m pytest "${gpu_test_files[@]}" -m gpu -q -p no:cacheprovider \
     --junitxml="$out_dir/gpu_tests.xml"
-bench_stage train 90 benchmarks/bench_train.py -m "not slow and not compiled"
+bench_stage train 90 benchmarks/bench_train.py -m "not slow and not compiled" -k "not cpu"  # CPU: CI's
 # The compiled training step (the training issue's headline figure) before what the last run measured already.
 bench_stage train_compiled 180 benchmarks/bench_train.py -m "compiled and not slow" -k "not cpu"  # CPU: CI's
 bench_stage decode 100 benchmarks/bench_decode.py
@@ -165,7 +192,7 @@ bench_stage compiled 600 benchmarks -m "compiled and not slow" --ignore=benchmar
 
 shopt -s nullglob
 results=()
-for stage in train decode kernels train_compiled other_benchmarks compiled; do
+for stage in "${bench_stages[@]}"; do
     [[ -s $out_dir/$stage.json ]] && results+=("$out_dir/$stage.json")
 done
 results+=("$out_dir/results.jsonl")  # what the stages cut short measured

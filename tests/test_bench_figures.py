@@ -93,3 +93,64 @@ def test_gpu_check_skips_the_profile_without_a_tokenizer_and_says_so(tmp_path: P
     assert done.returncode == 0, done.stdout + done.stderr
     assert not (out / "profile_360m.log").exists()  # "will be skipped" means it did not run
     assert "profile_360m: skipped (no tokenizer" in (out / "summary.md").read_text()
+
+
+def _gpu_check_on_cpu(out: Path, stages: str, budget: int, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GPU_CHECK_ALLOW_CPU": "1", "GPU_CHECK_INSTALL": "0", "GPU_CHECK_STAGES": stages,
+           "GPU_CHECK_BUDGET_S": str(budget)}
+    return subprocess.run(["bash", "scripts/gpu_check.sh", *args, str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_gpu_check_summary_leaves_out_an_earlier_runs_stage_results(tmp_path: Path) -> None:
+    """A second run into the same folder (the default gpu_check_out) must not report the first run's figures as
+    its own: a stage that is skipped, not selected, or cut before pytest writes its JSON left the old file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = {"machine_info": {"node": "old"}, "datetime": "2026-01-01",
+             "benchmarks": [{"name": "test_stale", "fullname": "b.py::test_stale", "group": "g",
+                             "stats": {"median": 0.5}, "extra_info": {"role": "fast", "ratio": 9.0}}]}
+    for stage in ("train", "decode"):
+        (out / f"{stage}.json").write_text(json.dumps(stale))
+    done = _gpu_check_on_cpu(out, "train", 21)  # train: the budget is spent before it; decode: not selected
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = (out / "summary.md").read_text()
+    assert "train: skipped" in summary
+    assert "test_stale" not in summary and "no benchmark results" in summary
+
+
+def test_gpu_check_refuses_an_unknown_stage_name(tmp_path: Path) -> None:
+    """A misspelt GPU_CHECK_STAGES would select nothing and pass: on a GPU machine's short lease, a lost run."""
+    for args in ((), ("--dry-run",)):
+        done = _gpu_check_on_cpu(tmp_path / "out", "kernel,decode", 300, *args)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "unknown stage 'kernel'" in done.stderr and "kernels" in done.stderr
+        assert not (tmp_path / "out").exists()  # nothing ran
+
+
+
+def _bench_extra_info(tmp_path: Path, files: list[str], keyword: str) -> dict[str, dict]:
+    out = tmp_path / "out.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "-k", keyword,
+         f"--benchmark-json={out}"],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return {bench["name"]: bench["extra_info"] for bench in json.loads(out.read_text())["benchmarks"]}
+
+
+def test_chunked_loss_benchmark_reports_tflops(tmp_path: Path) -> None:
+    """README's extra_info table: TFLOP/s where the work has model FLOPs, as the other loss benchmark does."""
+    info = _bench_extra_info(tmp_path, ["benchmarks/bench_kernels.py"], "chunked")
+    chunked = info["test_linear_cross_entropy_chunked[chunked]"]
+    tokens, width, vocab = 1024, 128, 49218  # the CPU shape, one token in 8 supervised
+    assert chunked["tflops"] * chunked["ms"] * 1e9 == pytest.approx(3 * 2 * (tokens // 8) * width * vocab)
+    assert info["test_linear_cross_entropy_chunked[reference]"]["tflops"] > 0
+
+
+@pytest.mark.slow  # a minute of loader passes on a 2-core CPU
+def test_loader_benchmark_reports_tokens_per_s(tmp_path: Path) -> None:
+    """README's extra_info table: tokens/s where the work has tokens (the packing cases have it too)."""
+    loader = _bench_extra_info(tmp_path, ["benchmarks/bench_data.py"], "loader")["test_loader_end_to_end"]
+    assert loader["tokens_per_s"] > loader["samples_per_s"] > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -164,3 +165,14 @@ def test_gpu_check_plan_and_refusal_without_cuda(tmp_path: Path) -> None:
     assert refused.returncode == 3
     assert "no CUDA device" in refused.stderr
     assert not out.exists()  # nothing ran, nothing was written
+
+
+def test_gpu_check_plan_prints_commands_that_can_be_pasted() -> None:
+    """--dry-run's commands, run by hand for one stage, must select what the stage does: its quoting kept."""
+    plan = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    commands = {line.split()[0]: shlex.split(line.split(" s  ", 1)[1]) for line in plan.stdout.splitlines()}
+    train = commands["train_compiled"]
+    assert train[-8:-4] == ["-m", "compiled and not slow", "-k", "not cpu"]
+    assert "--profile.steps=[6]" in commands["profile_360m"]
