@@ -87,6 +87,23 @@ def test_generate_until_groups_by_gen_kwargs(plugin: DualTowerLMMS, monkeypatch:
     assert [answers[i] for i in (0, 2, 3)] == [runner_answers[i] for i in (0, 2, 3)]
 
 
+def test_generate_until_groups_draw_their_own_noise(plugin: DualTowerLMMS, monkeypatch: pytest.MonkeyPatch):
+    """Two groups that differ only in a stop string never produced: seeded, they must not share their noise."""
+    seeds: list[int | None] = []
+    original = plugin.runner.generator.generate_prepared
+
+    def recording(prompts, sampling, **kwargs):
+        seeds.append(sampling.seed)
+        return original(prompts, sampling, **kwargs)
+
+    monkeypatch.setattr(plugin.runner.generator, "generate_prepared", recording)
+    hot = {"max_new_tokens": 6, "temperature": 2.0, "top_k": 0}
+    requests = [gen_request(0, {**hot, "until": ["<never>"]}), gen_request(0, {**hot, "until": ["<never either>"]})]
+    first = plugin.generate_until(requests)
+    assert len(set(seeds)) == 2 and first[0] != first[1]
+    assert plugin.generate_until(requests) == first  # still reproducible
+
+
 def test_generate_until_honours_until(plugin: DualTowerLMMS):
     free = plugin.generate_until([gen_request(0, {"max_new_tokens": 6})])[0]
     stop = next(free[i : i + 2] for i in range(1, len(free) - 1) if free.find(free[i : i + 2]) == i)

@@ -33,6 +33,7 @@ from dualtower.eval.runner import (
     gen_kwargs_key,
     sampling_from_gen_kwargs,
 )
+from dualtower.generation.sampling import batch_seed
 
 MISSING_LMMS_EVAL = "lmms-eval is not installed: pip install 'dualtower[eval]' (the `eval` extra)"
 try:
@@ -90,9 +91,12 @@ class DualTowerLMMS(lmms):
             groups[gen_kwargs_key(request.args[1] or {})].append(index)
         answers: list[str] = [""] * len(requests)
         with self._progress(len(requests), "dualtower generating") as advance:
-            for indices in groups.values():
+            for group_index, indices in enumerate(groups.values()):
                 gen_kwargs = requests[indices[0]].args[1] or {}
-                sampling = sampling_from_gen_kwargs(gen_kwargs, self.max_new_tokens, self.seed)
+                # Each group its own seed: the runner derives its batches' seeds from it, and groups sharing one
+                # would start from the same noise.
+                seed = batch_seed(self.seed, group_index)
+                sampling = sampling_from_gen_kwargs(gen_kwargs, self.max_new_tokens, seed)
                 prompts = [self._prompt(requests[i].args[0], *requests[i].args[2:6]) for i in indices]
                 for index, text in zip(indices, self.runner.generate(prompts, sampling, advance), strict=True):
                     answers[index] = text
