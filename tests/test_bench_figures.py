@@ -128,7 +128,6 @@ def test_gpu_check_refuses_an_unknown_stage_name(tmp_path: Path) -> None:
         assert not (tmp_path / "out").exists()  # nothing ran
 
 
-
 def _bench_extra_info(tmp_path: Path, files: list[str], keyword: str) -> dict[str, dict]:
     out = tmp_path / "out.json"
     done = subprocess.run(
@@ -140,13 +139,13 @@ def _bench_extra_info(tmp_path: Path, files: list[str], keyword: str) -> dict[st
     return {bench["name"]: bench["extra_info"] for bench in json.loads(out.read_text())["benchmarks"]}
 
 
+@pytest.mark.slow  # 20 s of benchmark rounds on a 2-core CPU
 def test_chunked_loss_benchmark_reports_tflops(tmp_path: Path) -> None:
     """README's extra_info table: TFLOP/s where the work has model FLOPs, as the other loss benchmark does."""
-    info = _bench_extra_info(tmp_path, ["benchmarks/bench_kernels.py"], "chunked")
+    info = _bench_extra_info(tmp_path, ["benchmarks/bench_kernels.py"], "linear_cross_entropy_chunked and chunked]")
     chunked = info["test_linear_cross_entropy_chunked[chunked]"]
     tokens, width, vocab = 1024, 128, 49218  # the CPU shape, one token in 8 supervised
     assert chunked["tflops"] * chunked["ms"] * 1e9 == pytest.approx(3 * 2 * (tokens // 8) * width * vocab)
-    assert info["test_linear_cross_entropy_chunked[reference]"]["tflops"] > 0
 
 
 @pytest.mark.slow  # a minute of loader passes on a 2-core CPU

@@ -124,6 +124,7 @@ def test_resumed_run_exports_the_same_weights(journey) -> None:
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # 20 s; test_two_rank_final_export_equals_its_last_checkpoint covers the 2-rank export in CI
 def test_two_fsdp_ranks_export_a_checkpoint_as_one_rank_does(journey) -> None:
     """The same (1-rank) checkpoint exported by 2 FSDP ranks (gloo) and by 1 rank: the same files."""
     base, tokenizer = journey["base"], journey["tokenizer"]
