@@ -32,8 +32,8 @@
 # `--prepare` on a CPU machine first and carry runs/gpu_assets to the GPU machine (it is git-ignored), or point
 # DUALTOWER_TOKENIZER_DIR at a saved tokenizer. Without it those two are skipped, saying why. A prebuilt sampler
 # in runs/gpu_assets/csrc spares the gpu tests a minute of nvcc, and lets them run where nvcc is missing.
-# Exit status: the number of stages that failed or timed out (0 = all passed); 2 before anything runs when
-# GPU_CHECK_STAGES names an unknown stage. OUT_DIR's stage JSONs from an earlier run are removed first.
+# Exit status: 0 when every stage that ran passed; 1 when any failed or timed out (the summary names them); 2
+# before anything runs when GPU_CHECK_STAGES names an unknown stage; 3 without a CUDA device. OUT_DIR's stage JSONs from an earlier run are removed first.
 # For testing the script itself: GPU_CHECK_INSTALL=0 skips the install, GPU_CHECK_ALLOW_CPU=1 runs the stages on
 # a CPU (CPU figures; the GPU-only cases skip).
 set -uo pipefail
@@ -211,4 +211,4 @@ traces=("$out_dir"/profile/*.json "$out_dir"/profile_360m/profile/*.json)
     echo
     echo "failed or timed-out stages: ${failed[*]:-none}; total $SECONDS s"
 } 2>&1 | tee "$out_dir/summary.md"
-exit "${#failed[@]}"
+exit $((${#failed[@]} > 0))

@@ -128,6 +128,23 @@ def test_gpu_check_refuses_an_unknown_stage_name(tmp_path: Path) -> None:
         assert not (tmp_path / "out").exists()  # nothing ran
 
 
+def test_gpu_check_exits_1_however_many_stages_fail(tmp_path: Path) -> None:
+    """Two failed stages must not read as exit 2 (an unknown stage name: nothing ran) or three as 3 (no CUDA)."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    fake_python = shim / "python"  # every benchmark stage's pytest fails at once; anything else is the real one
+    fake_python.write_text(f'#!/usr/bin/env bash\n[[ "$1 $2" == "-m pytest" ]] && {{ echo "stage broke"; exit 1; }}\n'
+                           f'exec {sys.executable} "$@"\n')
+    fake_python.chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}", "GPU_CHECK_ALLOW_CPU": "1",
+           "GPU_CHECK_INSTALL": "0", "GPU_CHECK_STAGES": "decode,kernels", "GPU_CHECK_BUDGET_S": "300"}
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", "scripts/gpu_check.sh", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "failed or timed-out stages: decode kernels" in (out / "summary.md").read_text()
+
+
 def _bench_extra_info(tmp_path: Path, files: list[str], keyword: str) -> dict[str, dict]:
     out = tmp_path / "out.json"
     done = subprocess.run(

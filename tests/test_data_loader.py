@@ -25,15 +25,7 @@ from dualtower.data.sources import CauldronSource, IndexedSource
 from dualtower.model.config import ConfigError
 
 pytest_plugins = ["data_fixtures"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """In-process loaders run small per-image torch ops; extra intra-op threads only contend (as in workers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def small_cfg(**overrides) -> DataConfig:

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from data_helpers import png_bytes
 from PIL import Image
 from test_train_utils import DEBUG_TOML, MAIN, fast_tokenizer_dir, read_metrics, subprocess_env
@@ -31,17 +30,12 @@ from dualtower.data.sources import IndexedSource, LocalFiles, UnreadableSample, 
 datasets = pytest.importorskip("datasets", reason="local Cauldron files need the optional `data` extra")
 
 pytest_plugins = ["data_fixtures"]
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 TAG = re.compile(r"\[r(\d+)\]")
 LONG = " ".join(["word"] * 3000)  # far beyond a 512-token row
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _image(mode: str, size: tuple[int, int] = (60, 50)) -> Image.Image:

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_generation import make_prompt
 from test_train_utils import build_trainer, default_job, make_batches, one_thread, tiny_model  # noqa: F401
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from dualtower import hub, ops
-from dualtower.generation import Generator, PreparedPrompt, SamplingConfig
+from dualtower.generation import Generator, SamplingConfig
 from dualtower.generation import engine as engine_module
 from dualtower.model import DualTowerVLM
 from dualtower.parallel import compile as compile_module
@@ -140,17 +141,6 @@ def test_resume_across_eager_and_compiled_checkpointed_runs(tmp_path, monkeypatc
 # -- generation ----------------------------------------------------------------------------------------------
 
 
-def _prompt(model: DualTowerVLM, tiles: int, extra: int, text: int, seed: int) -> PreparedPrompt:
-    cfg, generator = model.cfg, torch.Generator().manual_seed(seed)
-    ids = [1, 9, 10, *torch.randint(3, 900, (extra,), generator=generator).tolist()]
-    for _ in range(tiles):
-        ids += [cfg.global_image_token_id] + [cfg.image_token_id] * cfg.image_tokens_per_tile
-    prefix_len = len(ids) if tiles else 0
-    ids += torch.randint(3, 900, (text,), generator=generator).tolist()
-    pixels = torch.rand(tiles, 3, cfg.tile_size, cfg.tile_size, generator=generator)
-    return PreparedPrompt(torch.tensor(ids), pixels, prefix_len)
-
-
 # Ragged batches of 1, 3 (4 cache rows), 4 and 2 requests: (tiles, extra prefix tokens, prompt text tokens).
 GENERATION_BATCHES = [
     [(1, 1, 5)],
@@ -188,7 +178,7 @@ def test_compiled_generation_matches_eager_and_compiles_once_per_bucket(generati
     sampling = SamplingConfig(max_new_tokens=5)
     graphs = []
     for index, layout in enumerate(GENERATION_BATCHES):
-        prompts = [_prompt(generation_model, *shape, seed=10 * index + row) for row, shape in enumerate(layout)]
+        prompts = [make_prompt(generation_model, *shape, seed=10 * index + row) for row, shape in enumerate(layout)]
         ours = engine.generate_prepared(prompts, sampling, return_logits=True)
         theirs = eager.generate_prepared(prompts, sampling, return_logits=True)
         for a, b in zip(ours, theirs, strict=True):
