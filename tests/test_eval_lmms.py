@@ -19,7 +19,8 @@ from test_eval_runner import direct_logprobs, make_checkpoint, sample_images
 from dualtower.eval import mmstar
 from dualtower.eval.lmms_plugin import DualTowerLMMS
 from dualtower.eval.offline import score_predictions
-from dualtower.eval.runner import EvalPrompt
+from dualtower.eval.runner import EvalModel, EvalPrompt
+from dualtower.generation.sampling import batch_seed
 
 TASK, SPLIT = "mmstar", "val"
 
@@ -102,6 +103,25 @@ def test_generate_until_groups_draw_their_own_noise(plugin: DualTowerLMMS, monke
     first = plugin.generate_until(requests)
     assert len(set(seeds)) == 2 and first[0] != first[1]
     assert plugin.generate_until(requests) == first  # still reproducible
+
+
+def test_a_ready_eval_model_keeps_its_seed_and_batch_size(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
+    """`DualTowerLMMS(pretrained=EvalModel(...))` samples with the runner's seed, as the offline evaluation does."""
+    runner = EvalModel.from_pretrained(checkpoint, device="cpu", batch_size=3, seed=11)
+    lmm = DualTowerLMMS(pretrained=runner, max_new_tokens=2)
+    assert lmm.runner is runner and lmm.seed == 11 and lmm.batch_size == 3
+    seeds: list[int | None] = []
+    original = runner.generator.generate_prepared
+
+    def recording(prompts, sampling, **kwargs):
+        seeds.append(sampling.seed)
+        return original(prompts, sampling, **kwargs)
+
+    monkeypatch.setattr(runner.generator, "generate_prepared", recording)
+    lmm.task_dict = {TASK: {SPLIT: [{"images": sample_images()[:1]}]}}
+    lmm.generate_until([gen_request(0, {"temperature": 1.0, "top_k": 0})])
+    assert seeds == [batch_seed(batch_seed(11, 0), 0)]  # group 0, batch 0
+    assert DualTowerLMMS(pretrained=runner, seed=5).seed == 5  # an explicit plugin seed wins
 
 
 def test_generate_until_honours_until(plugin: DualTowerLMMS):

@@ -77,7 +77,8 @@ class DualTowerLMMS(lmms):
         self.tokenizer = self.runner.tokenizer
         self.device = self.runner.device
         self.batch_size = self.runner.batch_size
-        self.seed = seed
+        # A ready EvalModel brings its own seed (and batch size), as the offline evaluation uses it.
+        self.seed = seed if seed is not None else self.runner.seed
 
     @property
     def batch_size_per_gpu(self) -> int:
