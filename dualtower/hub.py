@@ -152,8 +152,8 @@ def load_pretrained(
 ) -> DualTowerVLM:
     """Load a DualTowerVLM from our format, the original DualTowerVLM format or a nanoVLM checkpoint.
 
-    source: a checkpoint directory, a weights file (config from `config_path` or the file's directory), or a
-        Hub repo id. The format is detected from config.json and the weight names.
+    source: a checkpoint directory, a weights file or shard index (config from `config_path` or the file's
+        directory), or a Hub repo id. The format is detected from config.json and the weight names.
     dtype: None keeps the checkpoint's dtype; a torch dtype or its name ("bfloat16", "bf16") casts.
     architecture: for nanoVLM checkpoints, "dual_tower" (default: the checkpoint is the left tower, the right
         decoder a copy of its LM, or loaded from `right_decoder_source`, an LM source as accepted by

@@ -78,29 +78,36 @@ def _load_weights_file(path: Path) -> dict[str, Tensor]:
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:
-    """All tensors of a weights file, or of a directory holding model.safetensors or a sharded index.
+    """All tensors of a weights file, of a shard index file, or of a directory holding model.safetensors or a
+    sharded index.
 
     A directory with both reads model.safetensors, as transformers does: saving a single-file checkpoint
     over an old sharded one leaves the old index behind, and it must not shadow the new weights."""
     if path.is_file():
-        return _load_weights_file(path)
+        # A shard index (any `*.index.json`) stands for its shards, like a weights file for its tensors.
+        return _read_shards(path) if path.name.endswith(".index.json") else _load_weights_file(path)
     single = path / SAFETENSORS_FILE
     if single.is_file():
         return _load_weights_file(single)
     index = path / SAFETENSORS_INDEX
     if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index} has no weight_map object")
-        shards = sorted(set(weight_map.values()))
-        logger.info("reading %d safetensors shards from %s", len(shards), path)
-        tensors: dict[str, Tensor] = {}
-        for shard in shards:
-            if not (path / shard).is_file():
-                raise CheckpointError(f"shard {shard} listed in {index} is missing")
-            tensors.update(_load_weights_file(path / shard))
-        return tensors
+        return _read_shards(index)
     raise CheckpointError(f"no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} in {path}")
+
+
+def _read_shards(index: Path) -> dict[str, Tensor]:
+    """All tensors of the shards a `model.safetensors.index.json` lists (shard paths relative to it)."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index} has no weight_map object")
+    shards = sorted(set(weight_map.values()))
+    logger.info("reading %d safetensors shards from %s", len(shards), index.parent)
+    tensors: dict[str, Tensor] = {}
+    for shard in shards:
+        if not (index.parent / shard).is_file():
+            raise CheckpointError(f"shard {shard} listed in {index} is missing")
+        tensors.update(_load_weights_file(index.parent / shard))
+    return tensors
 
 
 def describe_keys(keys: Iterable[str]) -> str:

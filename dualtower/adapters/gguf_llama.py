@@ -1,8 +1,8 @@
 """SmolLM2 / Llama from a GGUF file (llama.cpp format), dequantized to fp32 with the `gguf` package.
 
 GGUF names: `token_embd`, `blk.{i}.{attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm, ffn_gate,
-ffn_up, ffn_down}`, `output_norm`, and `output` (absent when the head is tied). Hyperparameters live in
-`llama.*` metadata fields.
+ffn_up, ffn_down}`, `output_norm`, and `output` (absent, or a copy of `token_embd`, when the head is tied).
+Hyperparameters live in `llama.*` metadata fields; RoPE scaling is refused, as in the safetensors adapter.
 
 llama.cpp's converter reorders the rows of attn_q / attn_k inside every head for its interleaved-pair RoPE:
 a head's rows [x_0 .. x_{D/2-1} | y_0 .. y_{D/2-1}] (HF rotate-half halves) are stored as pairs
@@ -76,6 +76,14 @@ def _float32_value(value: float) -> float:
     return float(f"{value:.7g}")
 
 
+def _check_default_rope(metadata: dict[str, Any]) -> None:
+    """Refuse RoPE scaling (linear, yarn, ...): loading it as plain RoPE would give a different model."""
+    scaling = metadata.get("llama.rope.scaling.type", "none")
+    factor = float(metadata.get("llama.rope.scaling.factor", 1.0))
+    if scaling != "none" or factor not in (0.0, 1.0):
+        raise ConfigError(f"only default RoPE is supported, the GGUF file uses RoPE scaling {scaling!r} x{factor}")
+
+
 def lm_config_from_gguf(metadata: dict[str, Any], base: LMConfig | None = None) -> LMConfig:
     """Our LMConfig from a GGUF file's `llama.*` metadata (a new object; `base` supplies the rest)."""
     arch = _field(metadata, "general.architecture")
@@ -86,6 +94,7 @@ def lm_config_from_gguf(metadata: dict[str, Any], base: LMConfig | None = None) 
     rope_dim = int(_field(metadata, "llama.rope.dimension_count", hidden // heads))
     if rope_dim != hidden // heads:
         raise ConfigError(f"partial rotary (rope dim {rope_dim}, head dim {hidden // heads}) is not supported")
+    _check_default_rope(metadata)
     vocab = _field(metadata, "llama.vocab_size", 0) or _field(metadata, "tokenizer.ggml.tokens").length
     cfg = dataclasses.replace(
         base or LMConfig(),
@@ -116,7 +125,9 @@ def _dequantized(tensors: list[TensorInfo], gguf: Any) -> dict[str, Tensor]:
 def gguf_state_dict(tensors: dict[str, Tensor], cfg: LMConfig, seed: int = 0) -> dict[str, Tensor]:
     """Dequantized GGUF tensors -> LanguageModel state dict (head tied, stored as token_embedding)."""
     src = dict(tensors)
-    if src.pop("output.weight", None) is not None:
+    head = src.pop("output.weight", None)
+    # A converter copies a tied lm_head that the HF files store; only a head with other values is untied.
+    if head is not None and not torch.equal(head, src.get("token_embd.weight", head)):
         raise CheckpointError("the GGUF file has a separate output.weight (untied head); our LM ties it")
     expected = {"token_embd.weight", "output_norm.weight"}
     expected.update(f"blk.{i}.{part}.weight" for i in range(cfg.n_blocks) for part in _LAYER_MAP)
