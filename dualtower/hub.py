@@ -33,6 +33,7 @@ from dualtower.adapters.original import (
     config_from_original,
     detect_layout,
     is_original_config,
+    renaming,
     right_decoder_from_left,
     state_dict_from_original,
 )
@@ -161,12 +162,15 @@ def load_pretrained(
     """
     data, tensors = _locate(source, config_path)
     tensors = strip_compile_prefix(tensors)
+    what = f"checkpoint {source}"
     if data.get("format") == FORMAT_MARKER:
         if right_decoder_source is not None:
             raise CheckpointError("right_decoder_source only applies to nanoVLM checkpoints")
         cfg, state = _our_config(data, architecture), tensors
     elif is_original_config(data):
         cfg, state = _from_original(data, tensors, architecture, right_decoder_source)
+        # Key errors name our keys: say how they map back to the names in the file.
+        what += f" (keys named as ours: {renaming(detect_layout(tensors))})"
     else:
         raise CheckpointError(f"unrecognised config.json in {source}: neither a dualtower nor a nanoVLM config")
     with torch.device(device):
@@ -174,7 +178,7 @@ def load_pretrained(
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     model.to(dtype or _checkpoint_dtype(state))
-    load_into(model, state, f"checkpoint {source}")
+    load_into(model, state, what)
     logger.info("loaded %s model from %s", cfg.architecture, source)
     return model.eval()
 

@@ -268,6 +268,19 @@ def test_original_checkpoint_with_embedding_names_loads(tmp_path: Path) -> None:
     assert_same_state(load_pretrained(tmp_path), model)
 
 
+def test_original_checkpoint_key_errors_say_how_names_map_to_the_file(tmp_path: Path) -> None:
+    """The error lists keys by our names; a user searching the file needs the original prefixes too."""
+    model = tiny_model()
+    write_original(original_modules(model), model.cfg, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["left_tower.decoder.extra.weight"] = torch.zeros(1)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): left_decoder\.extra\.weight") as error:
+        load_pretrained(tmp_path)
+    assert "left_tower.decoder.* -> left_decoder.*" in str(error.value)
+    assert "right_tower.* -> right_decoder.*" in str(error.value)
+
+
 def test_dtype_names_and_aliases() -> None:
     assert [parse_dtype(n) for n in ("bf16", "bfloat16", "fp16", "half", "fp32", "float")] == [
         torch.bfloat16, torch.bfloat16, torch.float16, torch.float16, torch.float32, torch.float32,

@@ -136,6 +136,12 @@ def _check_inv_freq(name: str, tensor: Tensor, lm: LMConfig) -> None:
         raise CheckpointError(f"{name} does not match rope_theta {lm.rope_theta} and head_dim {lm.head_dim}")
 
 
+def renaming(layout: str) -> str:
+    """How `state_dict_from_original` renames a layout's prefixes, for error messages."""
+    prefixes = DUAL_TOWER_PREFIXES if layout == "dual_tower" else NANOVLM_PREFIXES
+    return ", ".join(f"{old}* -> {new}*" for old, new in prefixes.items() if old != new)
+
+
 def state_dict_from_original(tensors: dict[str, Tensor], cfg: ModelConfig, layout: str) -> dict[str, Tensor]:
     """Rename tower prefixes onto ours; inv_freq buffers are verified and dropped. Unknown keys pass through
     unchanged so that the strict load names them."""
