@@ -5,8 +5,9 @@
 Several requests: repeat --image / --prompt in pairs (one --image with several --prompt asks several questions
 about the same image, which reuses its left-tower K/V), or give --requests FILE.jsonl with one
 {"image": path | "images": [paths], "prompt": text} object per line (relative paths are taken from the file's
-folder; any other key is an error). stdout carries only the generated texts, one per request in order (with
---jsonl, one JSON object per request: index, text, finish_reason, tokens); logs and --stats go to stderr.
+folder; any other key is an error). stdout carries only the generated texts, one per request in order and
+stripped of surrounding whitespace, streamed or not (with --jsonl, one JSON object per request: index, the exact
+text, finish_reason, tokens); logs and --stats go to stderr.
 Errors (missing checkpoint or image, bad flags) print one line and exit non-zero.
 
 --seed makes sampled answers reproducible for the same requests, --batch_size and --stream: each batch is
@@ -295,7 +296,7 @@ def run(args: argparse.Namespace) -> None:
     batch_size = 1 if args.stream else args.batch_size
     for start in range(0, len(requests), batch_size):
         batch = requests[start : start + batch_size]
-        on_text = _print_delta if args.stream else None
+        on_text = _StrippedPrinter() if args.stream else None
         batch_sampling = dataclasses.replace(sampling, seed=batch_seed(args.seed, start))
         if args.profile is not None and start == 0:
             from dualtower.generation.profiling import GenerationProfiler
@@ -321,6 +322,25 @@ def _output_line(index: int, result: Any, args: argparse.Namespace) -> str:
         }
         return json.dumps(record, ensure_ascii=False) + "\n"
     return "\n" if args.stream else result.text.strip() + "\n"
+
+
+class _StrippedPrinter:
+    """Streams one request's text as plain output prints it, stripped: leading whitespace is dropped, and
+    whitespace is held back until more text follows it, so trailing whitespace is never printed."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.pending = ""  # whitespace seen after the last printed character
+
+    def __call__(self, row: int, text: str) -> None:
+        text = self.pending + text
+        if not self.started:
+            text = text.lstrip()
+        body = text.rstrip()
+        self.pending = text[len(body) :]
+        if body:
+            self.started = True
+            _print_delta(row, body)
 
 
 def _print_delta(row: int, text: str) -> None:

@@ -79,6 +79,7 @@ def test_cli_requests_file_streaming_and_weights_file(capsys, tmp_path, checkpoi
     code, streamed, err = run_main(capsys, *weights, *base, "--stream")
     assert code == 0, err
     assert streamed.count("\n") == batched.count("\n") == 2
+    assert streamed == batched  # greedy: the same texts, printed the same way (stripped) with or without --stream
 
 
 @pytest.mark.parametrize(
@@ -188,7 +189,7 @@ def test_cli_stream_seeds_each_request_differently_and_jsonl(capsys, checkpoint,
     rows = [json.loads(line) for line in records.splitlines()]
     assert [row["index"] for row in rows] == [0, 1]
     assert all(row["finish_reason"] in ("eos", "length", "stop") and 1 <= row["tokens"] <= 4 for row in rows)
-    assert "".join(row["text"] + "\n" for row in rows) == streamed
+    assert "".join(row["text"].strip() + "\n" for row in rows) == streamed  # streamed text is stripped too
     assert rows[0]["text"] != rows[1]["text"]
 
 
@@ -259,3 +260,31 @@ def test_a_hub_checkpoint_is_downloaded_once_and_its_tokenizer_used(capsys, chec
     assert code == 0 and out.count("\n") == 1, err
     assert downloads == ["someone/dualtower-debug"]
     assert [Path(d).resolve() for d in tokenizer_dirs] == [checkpoint.resolve()]
+
+
+def test_cli_stream_prints_the_same_stripped_text_as_plain_output(capsys, checkpoint, images, monkeypatch) -> None:
+    """Plain output prints each text stripped (as the original generate.py); --stream printed the raw deltas, so
+    the same answer came out with its leading space and trailing newlines only when streamed."""
+    from dualtower import generation
+    from dualtower.generation import GenerationResult
+
+    deltas = [" ", "\n A", " b", " ", "\n\n", " c", "  ", "\n"]
+
+    class ScriptedGenerator:
+        def __init__(self, model, tokenizer, **kwargs) -> None:
+            self.stats = None
+
+        def generate(self, batch, sampling, on_text=None):
+            if on_text is not None:
+                for delta in deltas:
+                    on_text(0, delta)
+            return [GenerationResult("".join(deltas), [5] * len(deltas), "length") for _ in batch]
+
+    monkeypatch.setattr(generation, "Generator", ScriptedGenerator)
+    argv = ("--checkpoint", checkpoint, "--image", images["square"], "--prompt", "a", "--prompt", "b")
+    code, plain, err = run_main(capsys, *argv)
+    assert code == 0, err
+    assert plain == "A b \n\n c\n" * 2
+    code, streamed, err = run_main(capsys, *argv, "--stream")
+    assert code == 0, err
+    assert streamed == plain

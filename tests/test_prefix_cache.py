@@ -52,3 +52,28 @@ def test_the_cache_is_emptied_when_the_left_towers_weights_change() -> None:
     fresh = Generator(model, eos_token_ids=(), prefix_cache_bytes=0)
     expected = fresh.generate_prepared([prompt], greedy, return_logits=True)
     assert torch.equal(after[0].logits, expected[0].logits)
+
+
+def test_image_digest_tells_apart_palette_images_with_the_same_indices() -> None:
+    """A "P" image's bytes are palette indices: two pictures of different colours share them."""
+    red, blue = Image.new("P", (3, 2), 0), Image.new("P", (3, 2), 0)
+    red.putpalette([255, 0, 0] * 256)
+    blue.putpalette([0, 0, 255] * 256)
+    assert red.tobytes() == blue.tobytes() and red.convert("RGB").tobytes() != blue.convert("RGB").tobytes()
+    assert image_digest([red]) != image_digest([blue])
+    same = Image.new("P", (3, 2), 0)
+    same.putpalette([255, 0, 0] * 256)
+    assert image_digest([red]) == image_digest([same])
+
+
+def test_lru_eviction_drops_the_least_recently_used_entry_and_an_oversized_one_is_not_cached() -> None:
+    entry = torch.zeros(4)  # 16 bytes
+    cache = PrefixCache(max_bytes=3 * 16)
+    for name in "abc":
+        cache.put((name, ""), entry)
+    assert cache.get(("a", "")) is entry  # "a" becomes the most recently used: "b" is now the oldest
+    cache.put(("d", ""), entry)
+    assert list(cache._entries) == [("c", ""), ("a", ""), ("d", "")] and cache.stats.evictions == 1
+    cache.put(("big", ""), torch.zeros(13))  # 52 bytes: over the whole budget, and nothing is evicted for it
+    assert ("big", "") not in cache and len(cache) == 3 and cache.stats.bytes_used == 48
+    assert cache.get(("b", "")) is None and (cache.stats.hits, cache.stats.misses) == (1, 1)

@@ -42,6 +42,10 @@ def image_digest(images: list[Any]) -> str:
     for image in images:
         hasher.update(f"{image.mode}{image.size}".encode())
         hasher.update(image.tobytes())
+        # A palette image's bytes are indices: its colours (and alpha, in an RGBA palette) are in the palette.
+        palette = image.getpalette(None) if image.mode in ("P", "PA") else None
+        if palette is not None:
+            hasher.update(bytes(palette))
     return hasher.hexdigest()
 
 

@@ -30,7 +30,7 @@ class GenerationRequest:
 
     def __post_init__(self) -> None:
         # One source given bare is one image: iterating a path (or bytes) would read each character as an image.
-        single = isinstance(self.images, str | PathLike | bytes | bytearray | dict | Image.Image)
+        single = isinstance(self.images, str | PathLike | bytes | bytearray | memoryview | dict | Image.Image)
         self.images = [self.images] if single else list(self.images)
 
 
