@@ -135,12 +135,16 @@ def test_every_mode_becomes_rgb(mode):
         assert loaded.getpixel((0, 0)) == (156, 156, 156)
 
 
-def test_load_from_bytes_path_and_dict(tmp_path):
+def test_load_from_bytes_path_pathlike_and_dict(tmp_path):
     image = Image.new("RGB", (5, 7), (1, 2, 3))
     data = png_bytes(image)
     (tmp_path / "x.png").write_bytes(data)
-    for source in (data, tmp_path / "x.png", str(tmp_path / "x.png"), {"bytes": data, "path": None},
-                   {"bytes": None, "path": str(tmp_path / "x.png")}):
+    class Location:  # any os.PathLike, as GenerationRequest accepts one as an image source
+        def __fspath__(self) -> str:
+            return str(tmp_path / "x.png")
+
+    for source in (data, memoryview(data), tmp_path / "x.png", str(tmp_path / "x.png"), Location(),
+                   {"bytes": data, "path": None}, {"bytes": None, "path": str(tmp_path / "x.png")}):
         assert load_image(source).getpixel((0, 0)) == (1, 2, 3)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,12 +85,12 @@ def image_token_count(grid: tuple[int, int], tokens_per_tile: int) -> int:
     return num_tiles(grid) * (tokens_per_tile + 1)
 
 
-def load_image(source: str | Path | bytes | Image.Image | dict[str, Any]) -> Image.Image:
+def load_image(source: str | os.PathLike | bytes | Image.Image | dict[str, Any]) -> Image.Image:
     """Decode `source` (a path, encoded bytes, a PIL image, or an HF `{bytes, path}` dict) into an RGB image."""
     return to_rgb(decode_image(source))
 
 
-def decode_image(source: str | Path | bytes | Image.Image | dict[str, Any]) -> Image.Image:
+def decode_image(source: str | os.PathLike | bytes | Image.Image | dict[str, Any]) -> Image.Image:
     """Decode without converting the mode; raises ImageLoadError with a one-line message."""
     try:
         image = _open(source)
@@ -124,8 +125,8 @@ def _open(source: Any) -> Image.Image:
         raise ImageLoadError("image dict has neither bytes nor path")
     if isinstance(source, (bytes, bytearray, memoryview)):
         return Image.open(io.BytesIO(bytes(source)))
-    if isinstance(source, (str, Path)):
-        return Image.open(Path(source))
+    if isinstance(source, (str, os.PathLike)):
+        return Image.open(Path(os.fspath(source)))
     raise ImageLoadError(f"unsupported image type {type(source).__name__}")
 
 
