@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from dualtower.adapters.common import CheckpointError
+from dualtower.adapters.common import CONFIG_FILE, CheckpointError
 from dualtower.model import DualTowerVLM, ModelConfig
 from dualtower.parallel import DistEnv, barrier
 
@@ -55,6 +55,7 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 DEBRIS = re.compile(r"^\.(tmp|old)_step_\d{8}$")  # left behind by a save that crashed
 SUPERSEDED = "superseded"
 HYPERPARAMETERS = ("initial_lr", "weight_decay", "betas", "eps")  # per param group, from the config
+EXPORT_STAGING = ".tmp_export"  # inside the export folder: where an export is written before it is moved in
 
 
 def rng_state() -> dict[str, Any]:
@@ -330,9 +331,26 @@ def export_pretrained(model: nn.Module, model_cfg: ModelConfig, env: DistEnv, de
     """Write `dest` in the save_pretrained format (config.json + model.safetensors [+ tokenizer])."""
     copy = full_model_copy(model, model_cfg, env)
     if copy is not None:
-        copy.save_pretrained(str(dest), tokenizer=tokenizer)
+        staging = dest / EXPORT_STAGING
+        shutil.rmtree(staging, ignore_errors=True)  # left behind by an export that was killed
+        copy.save_pretrained(str(staging), tokenizer=tokenizer)
+        _move_into(staging, dest)
         logger.info("exported %s", dest)
     barrier()
+
+
+def _move_into(staging: Path, dest: Path) -> None:
+    """Move the files written to `staging` into `dest` one atomic rename at a time, config.json last.
+
+    A kill mid-export then leaves every file of `dest` whole (the previous export's or the new one's), never a
+    truncated model.safetensors; a first export shows no config.json until its weights are in place. Other files
+    in `dest` are left alone: export_folder may name a folder that holds more than the export.
+    """
+    files = sorted(staging.iterdir(), key=lambda path: (path.name == CONFIG_FILE, path.name))
+    for path in files:
+        os.replace(path, dest / path.name)
+    _fsync_dir(dest)
+    staging.rmdir()
 
 
 @contextlib.contextmanager

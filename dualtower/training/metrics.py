@@ -1,10 +1,11 @@
 """Run metrics: `metrics.jsonl` (one JSON object per logged step), a console progress line on stderr and
 optional Weights & Biases, all written by rank 0.
 
-Training records carry `step`, `loss`, `lr`, `grad_norm`, `tokens_per_s`, `mfu`, `peak_mem_gib`,
-`packing_efficiency` (plus `lr/<tower>`, `skipped_steps`); evaluation records carry `eval/...` keys; at each
-checkpoint and at the end, a record of the train data's counters over all ranks: `data/read`, `data/samples`,
-`data/dropped` and per reason `data/dropped/<reason>`, `data/converted/<kind>` (truncated, repaired, ...).
+Training records (every `log_every` steps, at the last step and at each checkpoint's step) carry `step`,
+`loss`, `lr`, `grad_norm`, `tokens_per_s`, `mfu`, `peak_mem_gib`, `packing_efficiency` (plus `lr/<tower>`,
+`skipped_steps`); evaluation records carry `eval/...` keys; at each checkpoint and at the end, a record of the
+train data's counters over all ranks: `data/read`, `data/samples`, `data/dropped` and per reason
+`data/dropped/<reason>`, `data/converted/<kind>` (truncated, repaired, ...).
 `mfu` is null where the device's peak is unknown (CPUs; see dualtower.training.flops). `packing_efficiency`
 (non-pad tokens / row capacity) is null when `data.pack` is off: nothing is padded then, rows have no capacity.
 

@@ -11,7 +11,8 @@ the fused kernel skip the update on the device (`found_inf`) and the skip counte
 skipped steps in the logging window) live on the device until the next logging step. The foreach path checks the
 norm on the host every step. (The fused loss itself syncs once per micro-batch, to select the supervised rows.) A
 step with a non-finite loss or gradient norm adds neither its loss nor its supervised tokens to the logged window
-(a window where no step counts logs loss null).
+(a window where no step counts logs loss null). Logging steps: every metrics.log_every steps, the last step and
+each checkpoint's step (a resumed run starts a new window there, so both timelines log the same records).
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ class Trainer:
         if self.parts.checkpointer.cfg.export_only:
             return self._export_only()
         self._resume()
+        # The steps after the checkpoint (every step, without one) are logged again: earlier records of them go.
+        self.parts.metrics.rewind(self.step)
         first_step = self.step
         batches = self._batch_stream()
         window = _Window()
@@ -143,13 +146,15 @@ class Trainer:
             window.paused += self.parts.profiler.take_writing_seconds()
             self.step += 1
             self.parts.scheduler.step()
-            if self.step % self.parts.metrics.cfg.log_every == 0 or self.step == total:
+            checkpoint_due = self._checkpoint_due()
+            # A checkpoint closes the window: a run resumed from it could not log the steps before it otherwise.
+            if self.step % self.parts.metrics.cfg.log_every == 0 or self.step == total or checkpoint_due:
                 self._log(window)
                 window = _Window()
             pause = time.perf_counter()
             if self.parts.evaluator.due(self.step, total):
                 self.evaluate()
-            if self._checkpoint_due():
+            if checkpoint_due:
                 self.save()
             window.paused += time.perf_counter() - pause
         if self.step > first_step and self.last_saved_step != self.step:  # a save logged them already
@@ -159,12 +164,14 @@ class Trainer:
 
     def _batch_stream(self) -> Iterator[PackedBatch]:
         """The train loader, epoch after epoch."""
+        empty_passes = 0
         while True:
-            empty = True
+            empty_passes += 1
             for batch in self.parts.train_loader:
-                empty = False
+                empty_passes = 0
                 yield batch
-            if empty:
+            # One empty pass is a finite loader resumed at the very end of its pass: the next one starts over.
+            if empty_passes == 2:
                 raise RuntimeError("the training data produced no batches")
 
     def train_step(self, micro: list[PackedBatch], window: _Window | None = None) -> None:
@@ -329,7 +336,6 @@ class Trainer:
         state = parts.checkpointer.load(path, self.model, self.optimizer, parts.scheduler, parts.train_loader)
         self.step = state["step"]
         self.last_saved_step = self.step
-        parts.metrics.rewind(self.step)  # the steps after the checkpoint are logged again
         # The param groups' "fused" flag comes from the checkpoint: the skipping logic must follow the kernel used.
         fused = bool(self.optimizer.param_groups[0].get("fused"))
         if fused != self.fused:
