@@ -95,7 +95,8 @@ class _Frame:
 
 
 def _host_frames(events: list[dict[str, Any]]) -> tuple[dict[int, _Frame], list[_Frame]]:
-    """Per thread, walk nested host events: (External id -> its frame, every frame with its exclusive time)."""
+    """Per thread, walk nested host events: (External id -> its frame, every frame); an operator's frame carries
+    its exclusive time (its duration less that of the operators nested in it)."""
     by_thread: dict[Any, list[dict]] = collections.defaultdict(list)
     for event in events:
         if event.get("cat") in _HOST_CATS and event.get("ph") == "X":
@@ -109,8 +110,11 @@ def _host_frames(events: list[dict[str, Any]]) -> tuple[dict[int, _Frame], list[
             while stack and event["ts"] >= stack[-1].event["ts"] + stack[-1].event.get("dur", 0):
                 frames.append(stack.pop())
             frame = _Frame(event, *_context(event["name"], stack[-1] if stack else None), event.get("dur", 0))
-            if stack:
-                stack[-1].exclusive_us -= frame.exclusive_us
+            # Exclusive time is operators' time: an annotation inside an operator stays that operator's time.
+            if event.get("cat") == "cpu_op":
+                enclosing = next((f for f in reversed(stack) if f.event.get("cat") == "cpu_op"), None)
+                if enclosing is not None:
+                    enclosing.exclusive_us -= frame.exclusive_us
             stack.append(frame)
             external = event.get("args", {}).get("External id")
             if external is not None:

@@ -41,7 +41,7 @@ class StepProfiler:
         self.folder = run_dir / profile_cfg.folder
         self.rank = rank
         self.device = device
-        self.writing_s = 0.0  # seconds spent writing traces since the last take_writing_seconds()
+        self.writing_s = 0.0  # seconds spent starting the profiler and writing traces since the last take
 
     @contextlib.contextmanager
     def step(self, step: int) -> Iterator[None]:
@@ -49,7 +49,10 @@ class StepProfiler:
         if not (self.enabled and step in self.steps):
             yield
             return
+        starting = time.perf_counter()
         with trace_to(self.folder / f"step_{step:06d}_rank{self.rank}.json", self.device):
+            # Starting the profiler (seconds the first time) is profiling overhead too, not the step's time.
+            self.writing_s += time.perf_counter() - starting
             yield
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # the step's kernels end inside the trace
@@ -57,7 +60,8 @@ class StepProfiler:
         self.writing_s += time.perf_counter() - stepped
 
     def take_writing_seconds(self) -> float:
-        """Seconds spent stopping the profiler and writing traces since the last call: not training time."""
+        """Seconds spent starting and stopping the profiler and writing traces since the last call: not training
+        time."""
         seconds, self.writing_s = self.writing_s, 0.0
         return seconds
 
