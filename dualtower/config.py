@@ -11,6 +11,7 @@ exits non-zero without a traceback.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -164,6 +165,8 @@ def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
 
 def _validate_sections(cfg: JobConfig) -> None:
     m, o, s, t, p = cfg.model, cfg.optim, cfg.schedule, cfg.training, cfg.parallel
+    # Path("") is the working directory: checkpoints would be written (and resumed) from wherever the run started.
+    check(bool(cfg.job.run_dir), "job.run_dir must not be empty")
     check(m.flavor in FLAVORS, f"model.flavor must be one of {', '.join(sorted(FLAVORS))}, got {m.flavor!r}")
     _one_of(m.dtype, ("float32", "bfloat16"), "model.dtype")
     _one_of(m.attention_backend, ops.BACKENDS, "model.attention_backend")
@@ -206,6 +209,8 @@ def _validate_sections(cfg: JobConfig) -> None:
 def apply_override(cfg: JobConfig, dotted: str, text: str) -> None:
     """Set `section.key[.subkey]` from its command-line text."""
     parts = dotted.split(".")
+    if len(parts) == 1 and (homes := _sections_with(dotted)):
+        raise ConfigError(f"--{dotted}: keys need their section: did you mean {' or '.join(homes)}?")
     check(len(parts) >= 2, f"override {dotted!r} must look like --section.key=value")
     obj: Any = cfg
     for i, part in enumerate(parts):
@@ -226,6 +231,23 @@ def apply_override(cfg: JobConfig, dotted: str, text: str) -> None:
             check(dataclasses.is_dataclass(obj), f"{'.'.join(parts[: i + 1])!r} is a value, not a section")
 
 
+def _sections_with(name: str) -> list[str]:
+    """`--section.key` for every key named `name` (or, failing that, close to it), for a key typed bare."""
+    keys = [key for key, _ in _leaves(JobConfig())]
+    leaves = sorted({key.rpartition(".")[2] for key in keys})
+    wanted = [name] if name in leaves else difflib.get_close_matches(name.lower(), leaves, n=1)
+    return [f"--{key}" for key in sorted(keys) if key.rpartition(".")[2] in wanted]
+
+
+def _check_top_level(table: dict[str, Any]) -> None:
+    """A key written above its [section] header lands at the top level: name the sections that have it."""
+    sections = {f.name for f in dataclasses.fields(JobConfig)}
+    for key in table:
+        if key not in sections and (homes := _sections_with(key)):
+            dotted = " or ".join(home[2:] for home in homes)
+            raise ConfigError(f"unknown key {key!r} at the top level (did you mean {dotted}?)")
+
+
 def split_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
     """argv -> (config path, [(dotted key, text)]); accepts --k=v and --k v; --profile is short for profile.enabled."""
     config_path, overrides, i = None, [], 0
@@ -238,7 +260,9 @@ def split_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
             i += 1
             continue
         if not eq:
-            check(i + 1 < len(argv), f"--{name} needs a value")
+            # A following flag is never a value: `--job.run_dir --training.steps=3` would silently drop the override.
+            missing = i + 1 == len(argv) or argv[i + 1].startswith("--")
+            check(not missing, f"--{name} needs a value (write --{name}=VALUE for one that starts with --)")
             value, i = argv[i + 1], i + 1
         if name == "config":
             config_path = value
@@ -256,16 +280,20 @@ def usage() -> str:
         "keys (defaults before the recipe is applied):",
     ]
 
-    def walk(obj: Any, prefix: str) -> None:
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
-            else:
-                lines.append(f"  --{prefix}{f.name}={cli_text(value)}")
-
-    walk(JobConfig(), "")
+    lines += [f"  --{key}={cli_text(value)}" for key, value in _leaves(JobConfig())]
     return "\n".join(lines)
+
+
+def _leaves(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every non-section field, depth first in declaration order."""
+    found: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            found += _leaves(value, f"{prefix}{f.name}.")
+        else:
+            found.append((f"{prefix}{f.name}", value))
+    return found
 
 
 def load_job_config(argv: list[str]) -> JobConfig:
@@ -276,10 +304,16 @@ def load_job_config(argv: list[str]) -> JobConfig:
         path = Path(config_path)
         check(path.is_file(), f"config file not found: {config_path}")
         try:
-            table = tomllib.loads(path.read_text())
+            table = tomllib.loads(path.read_bytes().decode("utf-8"))  # TOML is UTF-8 whatever the locale
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{config_path}: invalid TOML: not UTF-8 (byte {exc.start})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{config_path}: invalid TOML: {exc}") from None
-        merge_table(cfg, table, "")
+        try:
+            _check_top_level(table)
+            merge_table(cfg, table, "")
+        except ConfigError as exc:  # the same key may come from the command line too: say which was wrong
+            raise ConfigError(f"{config_path}: {exc}") from None
     for dotted, text in overrides:
         apply_override(cfg, dotted, text)
     return cfg.validate()

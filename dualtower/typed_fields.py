@@ -28,8 +28,10 @@ def field_hints(cls: type) -> dict[str, Any]:
 
 
 def suggest(name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    # Compared in lower case: difflib scores 'TRAINING' against 'training' as nothing alike.
+    by_lower = {key.lower(): key for key in known}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1)
+    return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
 
 
 def coerce(value: Any, hint: Any, key: str) -> Any:

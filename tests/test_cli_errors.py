@@ -55,3 +55,13 @@ def test_data_stats_reports_a_missing_source_in_one_line(tmp_path):
 
     with pytest.raises(SystemExit, match=r"^error: .*nope\.parquet"):
         main(["--source", str(tmp_path / "nope.parquet"), "--num-samples", "4"])
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_a_run_dir_that_cannot_be_a_folder_is_one_line(train_main, capsys, tmp_path, below):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    run_dir = blocker / below if below else blocker
+    assert train_main(["--config", DEBUG_RECIPE, f"--job.run_dir={run_dir}"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith(f"error: job.run_dir = '{run_dir}'"), line

@@ -36,9 +36,7 @@ def run(cfg: JobConfig) -> None:
     try:
         run_dir = Path(cfg.job.run_dir)
         if env.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if not cfg.checkpoint.export_only:  # an export of the run must not replace the record of its training
-                (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+            _prepare_run_dir(cfg, run_dir)
         ops.set_backend(cfg.model.attention_backend)
         try:
             ops.check_backends(env.device)
@@ -58,6 +56,15 @@ def run(cfg: JobConfig) -> None:
             trainer.parts.metrics.close()
     finally:
         teardown()
+
+
+def _prepare_run_dir(cfg: JobConfig, run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not cfg.checkpoint.export_only:  # an export of the run must not replace the record of its training
+            (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    except OSError as exc:  # a file in the way, no permission: the setting is wrong, not the code
+        raise ConfigError(f"job.run_dir = {cfg.job.run_dir!r}: {exc.strerror or exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
