@@ -102,7 +102,7 @@ class CheckpointSection:
 
 @dataclass
 class MetricsSection:
-    log_every: int = 10
+    log_every: int = 10  # a training record every N steps; also at the last step and at each checkpoint
     progress: str = "bar"  # bar | line | none (console output on stderr, rank 0)
     wandb: bool = False
     wandb_project: str = "dualtower"

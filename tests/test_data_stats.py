@@ -113,3 +113,11 @@ class _EmptyLoader:
 
     def __iter__(self):
         return iter(())
+
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_stats_cli_refuses_a_sample_count_below_one(count: str, capsys: pytest.CaptureFixture) -> None:
+    """It would read and report a first batch anyway, as if asked for it."""
+    with pytest.raises(SystemExit) as exit_info:
+        stats_cli.parse_args(["--num-samples", count])
+    assert exit_info.value.code == 2 and f"--num-samples must be >= 1, got {count}" in capsys.readouterr().err

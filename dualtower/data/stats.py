@@ -43,7 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--flavor", default="135m", choices=sorted(FLAVORS), help="image/tile sizes to use")
     parser.add_argument("--tokenizer", default=None, help="tokenizer id, directory or .gguf (default: flavor's)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.num_samples < 1:  # the first batch would be read and reported anyway
+        parser.error(f"--num-samples must be >= 1, got {args.num_samples}")
+    return args
 
 
 def collect(loader: Any, num_samples: int) -> tuple[dict[str, list[int]], float]:
