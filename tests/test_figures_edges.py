@@ -56,6 +56,31 @@ def test_mfu_is_the_windows_model_flops_per_second_over_the_peak(tmp_path: Path)
     assert record["tokens_per_s"] == pytest.approx(prefix_and_text / 20.0, rel=0.05)
 
 
+def test_peak_memory_is_the_largest_over_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 writes the record: its own peak would hide the rank that is closest to running out of memory."""
+    from test_train_utils import build_trainer, default_job, make_batches, read_metrics, tiny_model
+
+    from dualtower.training import trainer as trainer_module
+    from dualtower.training.trainer import _Window
+
+    model = tiny_model()
+    batches = make_batches(model, [[(1, 2, 5)]], seed=1)
+    trainer = build_trainer(model, batches, tmp_path, default_job())
+    window = _Window()
+    trainer.train_step(batches, window)
+    trainer.step = 1
+
+    def all_reduce(tensor: torch.Tensor, op: object = None) -> None:  # one other rank, peaking at 7.5 GiB
+        if op == torch.distributed.ReduceOp.MAX:
+            tensor.clamp_(min=7.5)
+
+    monkeypatch.setattr(trainer_module.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(trainer_module.dist, "all_reduce", all_reduce)
+    trainer._log(window)
+    (record,) = read_metrics(tmp_path)
+    assert record["peak_mem_gib"] == 7.5
+
+
 def test_an_annotation_inside_an_operator_is_that_operators_time() -> None:
     """CPU traces count operators' exclusive time: a record_function annotation run inside an operator (a Python
     op implementation may open one) is part of that operator's time, minus only the operators run within it."""

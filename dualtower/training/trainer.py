@@ -258,9 +258,11 @@ class Trainer:
         totals = torch.cat([loss_sum.reshape(1), host.to(self.device)])
         if window.skipped_supervised is not None:  # the tokens of skipped steps count neither in loss nor tokens
             totals[1] -= window.skipped_supervised
+        peak_mem = torch.tensor([peak_memory_gib(self.device)], dtype=torch.float64, device=self.device)
         if dist.is_initialized():
             dist.all_reduce(totals)
-        loss, supervised, tokens, flops, capacity = totals.tolist()  # the one host sync of a logging step
+            dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)  # the rank closest to running out
+        loss, supervised, tokens, flops, capacity = totals.tolist()  # the host syncs of a logging step
         elapsed = max(time.perf_counter() - window.start - window.paused, 1e-9)
         if self.fused:
             self._check_nonfinite()
@@ -271,7 +273,7 @@ class Trainer:
             "grad_norm": float(self.last_grad_norm),
             "tokens_per_s": tokens / elapsed,
             "mfu": flops / elapsed / (self.peak * self.env.world_size) if self.peak else None,
-            "peak_mem_gib": peak_memory_gib(self.device),
+            "peak_mem_gib": peak_mem.item(),
             "packing_efficiency": tokens / capacity if capacity else None,
             "skipped_steps": int(self.skipped_total),
             "supervised_tokens": int(supervised),
