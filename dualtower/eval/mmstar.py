@@ -128,16 +128,19 @@ def score_rows(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 
     Returns {"average": ..., <each core category present>: ..., "l2_category": {name: accuracy},
     "counts": {l2 name: rows}}; a core category's score uses only its own rows, as lmms-eval's metrics do.
+    A row without a category (null in the parquet) counts in "average" only and one without an l2 category
+    forms the group None, as in lmms-eval, where such a row's category is no metric of the task.
     """
     rows = list(rows)
     if not rows:
         raise ValueError("no rows to score")
     results: dict[str, Any] = {"average": _mean_of_l2_means(rows)}
-    for core in sorted({row["category"] for row in rows}):
+    for core in sorted({row["category"] for row in rows if row["category"] is not None}):
         results[core] = _mean_of_l2_means([row for row in rows if row["category"] == core])
-    by_l2 = _scores_by_l2(rows)
-    results["l2_category"] = {name: sum(v) / len(v) for name, v in sorted(by_l2.items())}
-    results["counts"] = {name: len(v) for name, v in sorted(by_l2.items())}
+    # key=str: a None l2 category must sort beside the names instead of failing the comparison.
+    by_l2 = sorted(_scores_by_l2(rows).items(), key=lambda item: str(item[0]))
+    results["l2_category"] = {name: sum(v) / len(v) for name, v in by_l2}
+    results["counts"] = {name: len(v) for name, v in by_l2}
     return results
 
 

@@ -6,7 +6,8 @@ or a list of either), `answer` (a letter), `category`, `l2_category`. Prompts ar
 model generates, the letter is extracted with lmms-eval's rule and the score is MMStar's mean of
 per-l2-category means (dualtower.eval.mmstar). A row whose image cannot be decoded is not generated for: it
 scores 0 (the score stays over every row, comparable with full runs), its sample record carries the `error`,
-and the results count it as `unreadable_images`.
+and the results count it as `unreadable_images`. A row without a question, an answer or any image (nulls in
+the parquet) is handled the same way and counted as `invalid_rows`.
 """
 
 from __future__ import annotations
@@ -76,8 +77,10 @@ def evaluate_mmstar_rows(
         raise ValueError("no rows to evaluate")
     kwargs = {**MMSTAR_GEN_KWARGS, **(gen_kwargs or {})}
     sampling = sampling_from_gen_kwargs(kwargs, seed=runner.seed)
-    unreadable = unreadable_rows(rows)
-    readable = [i for i in range(len(rows)) if i not in unreadable]
+    invalid = invalid_rows(rows)
+    unreadable = unreadable_rows(rows, skip=invalid)
+    failed = {**invalid, **unreadable}
+    readable = [i for i in range(len(rows)) if i not in failed]
     start = time.perf_counter()
     generated = runner.generate([row_prompt(rows[i]) for i in readable], sampling) if readable else []
     elapsed = time.perf_counter() - start
@@ -85,22 +88,40 @@ def evaluate_mmstar_rows(
     for i, text in zip(readable, generated, strict=True):
         predictions[i] = text
     samples = score_predictions(rows, predictions, rule)
-    for i, message in unreadable.items():
+    for i, message in failed.items():
         samples[i].update(score=0.0, error=message)
     results = mmstar.score_rows(samples)
     results["unreadable_images"] = len(unreadable)
+    results["invalid_rows"] = len(invalid)
     results["timing"] = {"generate_s": elapsed, "samples_per_s": len(readable) / elapsed if elapsed else 0.0}
     return results, samples
 
 
-def unreadable_rows(rows: Sequence[Mapping[str, Any]]) -> dict[int, str]:
-    """{position: error} of the rows with an image that cannot be decoded, each logged once.
+def invalid_rows(rows: Sequence[Mapping[str, Any]]) -> dict[int, str]:
+    """{position: error} of the rows that cannot be asked or scored (a null question or answer, no image):
+    str(None) would otherwise ask the model "None" or expect the answer "NONE"."""
+    invalid = {}
+    for position, row in enumerate(rows):
+        problems = [name for name in ("question", "answer") if not isinstance(row[name], str) or not row[name]]
+        if row["image"] is None or row_images(row) == []:
+            problems.append("image")
+        if problems:
+            invalid[position] = f"missing {', '.join(problems)}"
+            logger.warning("MMStar row %s: %s; scored 0", row["index"], invalid[position])
+    return invalid
+
+
+def unreadable_rows(rows: Sequence[Mapping[str, Any]], skip: Mapping[int, str] | None = None) -> dict[int, str]:
+    """{position: error} of the rows (other than those in `skip`) with an image that cannot be decoded, each
+    logged once.
 
     Images are decoded here and again when generating: holding every decoded image would cost gigabytes,
     and one bad image must not stop a run after hours of generation.
     """
     unreadable = {}
     for position, row in enumerate(rows):
+        if skip and position in skip:
+            continue
         try:
             for image in row_images(row):
                 load_image(image)
@@ -120,7 +141,7 @@ def score_predictions(
     for row, prediction in zip(rows, predictions, strict=True):
         text = prediction.strip()
         letter = mmstar.extract_letter(text, rule)
-        answer = str(row["answer"]).strip().upper()
+        answer = str(row["answer"] or "").strip().upper()
         samples.append(
             {
                 "index": row["index"],
@@ -129,7 +150,7 @@ def score_predictions(
                 "answer": answer,
                 "prediction": text,
                 "extracted": letter,
-                "score": float(letter == answer),
+                "score": float(bool(answer) and letter == answer),  # no answer: nothing can match it
             }
         )
     return samples
@@ -172,8 +193,9 @@ def run_offline_mmstar(
         "source": str(parquet),
         "num_samples": len(rows),
         "unreadable_images": scores["unreadable_images"],
+        "invalid_rows": scores["invalid_rows"],
         "extraction_rule": rule,
-        "results": {k: v for k, v in scores.items() if k not in ("timing", "unreadable_images")},
+        "results": {k: v for k, v in scores.items() if k not in ("timing", "unreadable_images", "invalid_rows")},
         "timing": scores["timing"],
         "config": {"gen_kwargs": {**MMSTAR_GEN_KWARGS, **(gen_kwargs or {})}, "limit": limit, **(config or {})},
     }
