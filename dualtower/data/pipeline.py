@@ -169,18 +169,22 @@ class ShardPipeline:
         self, sample: Any, stats: LoaderStats | None, key: tuple[int, int] | None = None
     ) -> PreparedDocument | None:
         """The document, or None when dropped (counted in `stats` when given, and logged)."""
-        events = stats.events if stats is not None else Counter()
+        events: Counter = Counter()  # merged only if the sample is kept: a dropped one counts as a drop alone
         try:
             if isinstance(sample, UnreadableSample):
                 raise SampleError("unreadable", sample.error)
-            return prepare_document(
+            doc = prepare_document(
                 sample, self.processor, self.tokenizer, self.model_cfg, limits=self.limits, events=events
             )
         except SampleError as error:
             self._drop(error.reason, str(error), stats, key)
+            return None
         except Exception as error:  # a bug or an input nobody foresaw must not stop training
             self._drop("error", f"{type(error).__name__}: {error}", stats, key)
-        return None
+            return None
+        if stats is not None:
+            stats.events.update(events)
+        return doc
 
     def _drop(self, reason: str, detail: str, stats: LoaderStats | None, key: tuple[int, int] | None) -> None:
         if stats is None:
