@@ -372,3 +372,17 @@ def test_stats_cli_defaults_are_the_data_config_defaults():
     assert (args.max_tokens, args.max_tiles, args.rows_per_batch, args.shuffle_buffer, args.num_workers, args.seed) == (
         defaults.max_tokens_per_row, defaults.max_tiles_per_row, defaults.rows_per_batch, defaults.shuffle_buffer,
         defaults.num_workers, defaults.seed)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_finite_pass_counts_what_it_read_after_its_last_batch(workers, monkeypatch, tokenizer, debug_cfg):
+    """Samples read and dropped after a shard's last batch change no batch's state: the loader's counters must
+    still hold them (the stats CLI and validation passes report them)."""
+    good = Image.new("RGB", (64, 48), (0, 90, 0))
+    raw = [sample([good], ("q", f"answer {i}")) for i in range(8)] + [sample([b"not an image"], ("q", "a"))] * 6
+    monkeypatch.setattr(loader_module, "build_source", lambda cfg, split: IndexedSource(raw, 0, shuffle=False))
+    loader = build_loader(small_cfg(num_workers=workers, shuffle_buffer=2), debug_cfg, tokenizer, split="val")
+    batches = list(loader)
+    assert sum(b.num_docs for b in batches) == 8 == loader.stats.samples
+    assert loader.stats.read == 14 and dict(loader.stats.dropped) == {"bad_image": 6}
+    assert loader.state_dict()["delivered"] == len(batches)

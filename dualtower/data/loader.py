@@ -3,7 +3,8 @@
 Work is split into logical workers (max(1, num_workers) per rank); logical worker w of rank r reads shard
 r * W + w of W * world_size, so ranks and workers never see the same sample. Each logical worker runs a
 `ShardPipeline` and attaches its state (epoch, next position, the keys of the documents in its packing
-buffer, its counters) to every batch. The torch DataLoader returns batches round-robin over workers, so the
+buffer, its counters) to every batch, and its final state to a last item without a batch (a finite pass reads
+and drops samples after its last batch). The torch DataLoader returns batches round-robin over workers, so the
 loader knows, for the batches actually handed out, each worker's exact state: `state_dict()` is that, and a
 restored loader re-reads the buffered documents by key and continues with exactly the batches an
 uninterrupted loader would have produced (physical workers are rotated so the next batch comes from the right
@@ -40,12 +41,14 @@ class _WorkerDataset(IterableDataset):
         super().__init__()
         self.loader, self.states, self.rotation = loader, states, rotation
 
-    def __iter__(self) -> Iterator[tuple[PackedBatch, dict[str, Any]]]:
+    def __iter__(self) -> Iterator[tuple[PackedBatch | None, dict[str, Any]]]:
         info = get_worker_info()
         logical = ((info.id if info else 0) + self.rotation) % self.loader.num_logical_workers
         pipeline = self.loader.pipeline(logical, self.states.get(logical))
         for batch, state in pipeline:
             yield batch, {"worker": logical, **state}
+        # A finite pass reads (and drops) samples after its last batch: their counters come with no batch.
+        yield None, {"worker": logical, **pipeline.state()}
 
 
 def _init_worker(_: int) -> None:
@@ -94,9 +97,10 @@ class Loader:
         for batch, state in loader:
             worker = state.pop("worker")
             self._states[worker] = state
-            self._delivered += 1
             self._next_worker = (worker + 1) % self.num_logical_workers
-            yield batch
+            if batch is not None:
+                self._delivered += 1
+                yield batch
         self._finished = not self.infinite
 
     @property
