@@ -7,6 +7,7 @@ it came from.
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import replace
 
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 
 from dualtower.batch import IGNORE_INDEX, PackedBatch
-from dualtower.data.collate import collate
+from dualtower.data.collate import CollateError, collate
 from dualtower.data.config import DataConfig, SyntheticConfig
 from dualtower.data.document import Document
 from dualtower.data.packing import Item, StreamPacker
@@ -64,11 +65,21 @@ def unpack(batch: PackedBatch, lengths: list[tuple[int, int, int]]) -> list[tupl
     return out
 
 
+@pytest.mark.parametrize("rows", [[1, 1], [0, 2], [0, 1, 0], [0]], ids=["from-1", "skips-a-row", "back", "count"])
+def test_collate_refuses_rows_that_skip_reorder_or_miss_documents(rows):
+    """A skipped row would count as an empty row of `row_capacity` in the packing efficiency."""
+    rng = random.Random(0)
+    docs = [random_document(rng, serial) for serial in range(len(rows) if len(rows) > 1 else 2)]
+    with pytest.raises(CollateError, match=r"one per document, 0, 1, \.\.\. in document order"):
+        collate(docs, IMAGE, rows, row_capacity=64, tokens_per_tile=PER_TILE)
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_collate_rederived_on_random_documents(seed):
     rng = random.Random(seed)
     docs = [random_document(rng, serial) for serial in range(rng.randint(1, 14))]
-    rows = sorted(rng.randint(0, 3) for _ in docs)
+    rows = list(itertools.accumulate(rng.randint(0, 1) for _ in docs[1:]))
+    rows.insert(0, 0)  # rows 0, 1, ... with 1-14 documents each
     batch = collate(docs, IMAGE, rows, row_capacity=64, tokens_per_tile=PER_TILE)
     lengths = [(d.prefix_len, d.num_tokens - d.prefix_len, d.num_tiles) for d in docs]
     cu_p = [0] + [sum(p for p, _, _ in lengths[: i + 1]) for i in range(len(docs))]

@@ -7,6 +7,8 @@ Shape legend (as in dualtower/batch.py):
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -33,8 +35,13 @@ def collate(
     if not documents:
         raise CollateError("cannot collate an empty list of documents")
     rows = list(range(len(documents))) if rows is None else list(rows)
-    if len(rows) != len(documents) or min(rows) < 0:
-        raise CollateError(f"{len(rows)} row ids for {len(documents)} documents (ids must be >= 0)")
+    # Rows are 0, 1, ... in document order, none empty: num_rows and the row capacity count every one of them.
+    in_order = all(b - a in (0, 1) for a, b in itertools.pairwise(rows))
+    if len(rows) != len(documents) or rows[0] != 0 or not in_order:
+        raise CollateError(
+            f"row ids {rows[:8]}{' ...' if len(rows) > 8 else ''} for {len(documents)} documents: one per document, "
+            "0, 1, ... in document order, no row skipped"
+        )
     prefix_lens = [doc.prefix_len for doc in documents]
     text_lens = [doc.num_tokens - doc.prefix_len for doc in documents]
     prefix_ids = torch.cat([doc.input_ids[: doc.prefix_len] for doc in documents])
