@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from dualtower.batch import IGNORE_INDEX
 from dualtower.data import chat
 from dualtower.data.collate import CollateError, collate
 from dualtower.data.document import (
+    DROP_REASONS,
     Document,
     DocumentLimits,
     SampleError,
@@ -183,3 +186,10 @@ def test_truncation_keeps_the_turns_that_fill_the_limit_exactly(tokenizer, debug
     one, _ = build(sample([image], *turns[:1]), tokenizer, debug_cfg)
     doc, _ = build(sample([image], *turns), tokenizer, debug_cfg, max_tokens=two.num_tokens - 1)
     assert torch.equal(doc.input_ids, one.input_ids)  # one token short of two turns: one turn
+
+
+def test_drop_reasons_list_every_reason_the_pipeline_counts():
+    """`data/dropped/<reason>` keys come from these literals: the documented list must be exactly them."""
+    sources = "".join(path.read_text() for path in (Path(__file__).parents[1] / "dualtower" / "data").glob("*.py"))
+    used = set(re.findall(r'(?:SampleError|_drop)\(\s*"(\w+)"', sources))
+    assert used == set(DROP_REASONS)

@@ -42,7 +42,7 @@ class UnreadableSample:
 
 
 class Source(ABC):
-    random_access: bool = False
+    """One split of samples, read by shard and epoch from any position (what makes a loader resumable)."""
 
     @abstractmethod
     def iterate(self, epoch: int, shard: int, num_shards: int, start: int = 0) -> Iterator[tuple[int, Any]]:
@@ -67,8 +67,6 @@ class Source(ABC):
 
 class IndexedSource(Source):
     """Any sized, indexable collection; epochs are seeded permutations, shards take every n-th element."""
-
-    random_access = True
 
     def __init__(self, items: Any, seed: int, shuffle: bool) -> None:
         self.items, self.seed, self.shuffle = items, seed, shuffle

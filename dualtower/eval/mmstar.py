@@ -119,10 +119,6 @@ def _first_letter(prediction: str, choices: Sequence[str]) -> str:
     return ""
 
 
-def is_correct(prediction: str, answer: str, rule: str = "lmms-eval") -> bool:
-    return extract_letter(prediction, rule) == answer.strip().upper()
-
-
 def score_rows(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Aggregate rows with `score` (0/1), `category` and `l2_category` into MMStar's metrics.
 
