@@ -123,19 +123,19 @@ def test_generation_under_bf16_autocast_matches_the_fp32_model_to_bf16_precision
         assert error <= max_error(bf16_row.logits[0], fp32_row.logits[0]) + 64 * torch.finfo(torch.bfloat16).eps
 
 
-def test_prefix_kv_cached_under_autocast_serve_a_call_without_it(model, prompts) -> None:
-    """The prefix cache keeps the model's dtype: K/V made under bf16 autocast are stored as fp32, so a later call
-    without autocast reads the cached entries instead of failing on a bf16 prefix."""
+def test_prefix_kv_cached_under_autocast_are_stored_in_the_models_dtype_and_not_served_without_it(
+    model, prompts
+) -> None:
+    """K/V made under bf16 autocast are stored as fp32 (the model's dtype), but a later call without autocast
+    does not read them: a prefix-cache hit must return exactly the uncached output, and bf16-rounded K/V would
+    not."""
     engine = Generator(model, eos_token_ids=())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         engine.generate_prepared(prompts, greedy(2))
     assert all(entry.dtype == torch.float32 for entry in engine.prefix_cache._entries.values())
-    # Only prompts with images: no empty fp32 prefix to promote a concatenation of bf16 entries to fp32.
     with_images = [prompt for prompt in prompts if prompt.prefix_len]
     cached = engine.generate_prepared(with_images, greedy(2), return_logits=True)
-    assert engine.stats.prefix_cache_hits == 3 and engine.stats.vision_tower_runs == 0
+    assert engine.stats.prefix_cache_hits == 0 and engine.stats.vision_tower_runs > 0
     fresh = Generator(model, eos_token_ids=()).generate_prepared(with_images, greedy(2), return_logits=True)
     for a, b in zip(cached, fresh, strict=True):
-        # Only the bf16-rounded prefix K/V differ: bf16-sized logit differences, same first token here.
-        assert a.token_ids[0] == b.token_ids[0]
-        assert max_error(a.logits[0], b.logits[0]) <= 64 * torch.finfo(torch.bfloat16).eps * 4
+        assert a.token_ids == b.token_ids and torch.equal(a.logits, b.logits)

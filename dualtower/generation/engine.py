@@ -100,7 +100,7 @@ class Generator:
         self.model = model
         self.tokenizer = tokenizer
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
-        self._cached_weights_state = weights_state(left_tower_parameters(model))
+        self._cached_weights_state = (weights_state(left_tower_parameters(model)), self._autocast_state())
         on_cuda = self.device.type == "cuda"
         self.compile = on_cuda if compile is None else compile
         self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
@@ -247,12 +247,17 @@ class Generator:
     def _drop_stale_prefixes(self) -> None:
         """Empty the prefix cache when the left tower's weights changed since it was filled (an optimizer step,
         load_state_dict, or a move to another dtype or device between calls): its K/V would be those of the old
-        weights. The parameters are looked up again, as a load may have replaced them."""
-        state = weights_state(left_tower_parameters(self.model))
+        weights. The parameters are looked up again, as a load may have replaced them. The caller's autocast
+        is part of the state too: K/V computed under bf16 autocast differ from those of an fp32 pass."""
+        state = (weights_state(left_tower_parameters(self.model)), self._autocast_state())
         if self.prefix_cache is not None and state != self._cached_weights_state and len(self.prefix_cache):
-            logger.info("the left tower's weights changed: prefix cache cleared")
+            logger.info("the left tower's weights or the autocast changed: prefix cache cleared")
             self.prefix_cache.clear()
         self._cached_weights_state = state
+
+    def _autocast_state(self) -> tuple[bool, torch.dtype]:
+        device_type = self.device.type
+        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
     def _dedupe_key(self, prompt: PreparedPrompt) -> PrefixKey:
         if self.prefix_cache is not None or prompt.image_digest is not None:
@@ -300,7 +305,8 @@ class Generator:
     def _decode(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """One decode step over the current cache: (B,) tokens at (B,) positions -> (B, V) fp32 logits."""
         cache, decoder = self._cache, self.model.text_decoder
-        if not self.cuda_graph:
+        # The flag was chosen for the device at construction; a model moved off CUDA since decodes eagerly.
+        if not self.cuda_graph or self.device.type != "cuda":
             return self._step(decoder, tokens, positions, cache.keys, cache.values)
         if self._graphed is None or self._graphed.cache is not cache:
             self._graphed = GraphedDecodeStep(self._step, decoder, cache, tokens, positions)
@@ -330,10 +336,12 @@ class _DecodeLoop:
         self.positions = torch.zeros(cache.rows, dtype=torch.long, device=device)
         self.current = torch.full((cache.rows,), self.pad, dtype=torch.long, device=device)  # last token per row
         self.logits_log: list[Tensor] | None = [] if return_logits else None
+        # The fused sampler was picked for the device at construction and runs on CUDA only.
+        self.sample = engine._sample if device.type == "cuda" else sample
 
     def first_token(self, logits: Tensor, lengths: Tensor) -> None:
         """Sample each request's first token from the prefill logits (R, V) and sync once (TTFT)."""
-        first = self.engine._sample(logits, self.sampling, self.generator)
+        first = self.sample(logits, self.sampling, self.generator)
         self.current[: self.requests] = first
         self.tokens[:, 0] = self.current
         self.finished[: self.requests] = self._is_eos(first)
@@ -360,7 +368,7 @@ class _DecodeLoop:
         if self.logits_log is not None:
             self.logits_log.append(logits[: self.requests].clone())
         self.positions += 1
-        chosen = engine._sample(logits, self.sampling, self.generator)
+        chosen = self.sample(logits, self.sampling, self.generator)
         self.current = torch.where(self.finished, self.pad, chosen)
         self.tokens[:, column] = self.current
         self.finished |= self._is_eos(self.current)
