@@ -57,6 +57,17 @@ def test_data_stats_reports_a_missing_source_in_one_line(tmp_path):
         main(["--source", str(tmp_path / "nope.parquet"), "--num-samples", "4"])
 
 
+@pytest.mark.parametrize("rank", ["x", "3"])
+def test_a_bad_launch_environment_is_one_line(train_main, capsys, monkeypatch, rank):
+    """The rank is read for the log format before anything else: a bad one must not be a traceback there."""
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert train_main(["--config", DEBUG_RECIPE]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("error: ") and "RANK" in line, line
+
+
 @pytest.mark.parametrize("below", ["", "sub"])
 def test_a_run_dir_that_cannot_be_a_folder_is_one_line(train_main, capsys, tmp_path, below):
     blocker = tmp_path / "a_file"

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.distributed as dist
+import torch.fx.experimental._config as fx_config
 from test_train_utils import make_batches, single_env, tiny_model
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.fsdp import FSDPModule
@@ -80,15 +81,19 @@ def test_checkpointing_wraps_every_block_and_compile_sees_the_wrappers(monkeypat
         return fn
 
     monkeypatch.setattr(torch, "compile", record)
-    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 8)  # torch's default, restored afterwards
     model = tiny_model()
     cfg = ParallelSection(activation_checkpointing=True, compile=True, compile_fullgraph=False)
-    assert parallelize(model, cfg, single_env()) == ParallelPlan(fsdp=False, autocast_dtype=None)
+    # torch's defaults, restored afterwards by the configs' own patch(): monkeypatch's undo would delete these
+    # config entries (they live outside the instance __dict__) and leave every later reader an AttributeError.
+    with torch._dynamo.config.patch(recompile_limit=8), fx_config.patch(use_duck_shape=True):
+        assert parallelize(model, cfg, single_env()) == ParallelPlan(fsdp=False, autocast_dtype=None)
+        assert torch._dynamo.config.recompile_limit == 32  # two graphs per LM block, plus packed-size variants
+        assert not fx_config.use_duck_shape
     blocks = [*model.vision_encoder.blocks, *model.left_decoder.blocks, *model.right_decoder.blocks]
     assert len(blocks) == 5 and all(isinstance(block, CheckpointWrapper) for block in blocks)
     assert [module for module, _ in calls] == blocks  # the wrappers are compiled, not the blocks inside them
     assert all(kwargs["fullgraph"] is False and kwargs["dynamic"] is True for _, kwargs in calls)
-    assert torch._dynamo.config.cache_size_limit == 32  # two graphs per LM block, plus packed-size variants
+    assert torch._dynamo.config.recompile_limit == 8 and fx_config.use_duck_shape
 
 
 # -- FSDP2 in a one-rank group ---------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from dualtower.cli_errors import error_line
 from dualtower.config import JobConfig, load_job_config, usage
 from dualtower.data.loader import build_loader
 from dualtower.model.config import ConfigError
-from dualtower.parallel import init_distributed, teardown
+from dualtower.parallel import init_distributed, launch_ranks, teardown
 from dualtower.tokenizer import TokenizerError, load_tokenizer
 from dualtower.training import (
     Evaluator,
@@ -68,7 +67,12 @@ def _prepare_run_dir(cfg: JobConfig, run_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    rank = int(os.environ.get("RANK", 0))
+    try:
+        ranks = launch_ranks()
+    except ConfigError as exc:  # before logging is set up: a bad launch environment is one line too
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rank = 0 if ranks is None else ranks[0]
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",

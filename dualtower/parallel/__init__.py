@@ -13,11 +13,14 @@ from dualtower.model.config import ConfigError
 from dualtower.parallel.ac import apply_ac
 from dualtower.parallel.compile import apply_compile
 from dualtower.parallel.fsdp import apply_fsdp, set_gradient_sync
-from dualtower.parallel.mesh import DistEnv, barrier, init_distributed, teardown
+from dualtower.parallel.mesh import DistEnv, barrier, init_distributed, launch_ranks, teardown
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistEnv", "ParallelPlan", "barrier", "init_distributed", "parallelize", "set_gradient_sync", "teardown"]
+__all__ = [
+    "DistEnv", "ParallelPlan", "barrier", "init_distributed", "launch_ranks", "parallelize", "set_gradient_sync",
+    "teardown",
+]
 
 
 @dataclass

@@ -21,7 +21,7 @@ def apply_compile(model: nn.Module, fullgraph: bool = True, backend: Any = "indu
     # seen to change) recompiled the debug LM block 6 times in its first 30 steps. Widths stay static: they meet
     # the parameters' static shapes. The LM block still compiles twice, once per tower: the left tower calls it
     # with empty prefix K/V that need no gradient, the right tower with prefix K/V that do.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     # Without this, "duck sizing" gives sizes that happen to be equal at the first call one symbol: a first batch
     # whose document count + 1 equals the K/V head count, or whose token count equals the head dim, then has that
     # count specialized to the static width, and the next batch recompiles.

@@ -42,12 +42,45 @@ def _pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _env_int(name: str, default: int | None = None) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        if default is None:
+            raise ConfigError(f"RANK and WORLD_SIZE are set but {name} is not: launch with torchrun")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def launch_ranks() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) from torchrun's environment; None for a plain process.
+
+    A bad or inconsistent value is refused here: init_process_group would otherwise wait for ranks that never
+    come (RANK >= WORLD_SIZE hangs until the timeout), and a missing LOCAL_RANK would put every rank of a node on
+    the same GPU. A plain process ignores a stray LOCAL_RANK.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
+    if world_size < 1:
+        raise ConfigError(f"WORLD_SIZE={world_size} must be at least 1")
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"RANK={rank} must be in [0, WORLD_SIZE={world_size})")
+    # One process alone has only one local rank to be; several need torchrun's own.
+    local_rank = _env_int("LOCAL_RANK", 0 if world_size == 1 else None)
+    if not 0 <= local_rank < world_size:
+        raise ConfigError(f"LOCAL_RANK={local_rank} must be in [0, WORLD_SIZE={world_size})")
+    return rank, world_size, local_rank
+
+
 def init_distributed(device_preference: str = "auto", timeout_s: int = 1800) -> DistEnv:
     """Join the torchrun process group if launched by torchrun; otherwise run as one plain process."""
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    ranks = launch_ranks()
+    local_rank = 0 if ranks is None else ranks[2]
     device = _pick_device(device_preference, local_rank)
-    if not launched:
+    if ranks is None:
         return DistEnv(rank=0, world_size=1, local_rank=0, device=device, mesh=None)
     # CPU tensors (host counters, barriers) always work through gloo; CUDA tensors go through NCCL.
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
