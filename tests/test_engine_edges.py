@@ -8,13 +8,13 @@ import math
 
 import pytest
 import torch
+from test_generation import make_prompt, teacher_forced_logits, varied_debug_model
 from torch import nn
 
 from dualtower.generation import Generator, SamplingConfig, csrc_sampler
 from dualtower.generation import engine as engine_module
 from dualtower.generation.sampling import make_generator, sample
 from dualtower.model import DualTowerVLM
-from tests.test_generation import make_prompt, teacher_forced_logits, varied_debug_model
 
 RAGGED = [(1, 0, 5), (0, 0, 3), (2, 1, 7), (0, 0, 1)]
 
@@ -192,3 +192,9 @@ def test_an_engine_made_on_cuda_follows_its_model_to_the_cpu(model, prompts, mon
     for ours, theirs in zip(moved, plain, strict=True):
         assert ours.token_ids == theirs.token_ids
         torch.testing.assert_close(ours.logits, theirs.logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("sync_every", [0, -3])
+def test_a_sync_interval_below_one_is_refused(model, sync_every: int) -> None:
+    with pytest.raises(ValueError, match="sync_every must be >= 1"):
+        Generator(model, eos_token_ids=(), sync_every=sync_every)

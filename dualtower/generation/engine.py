@@ -106,7 +106,9 @@ class Generator:
         self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
         if self.cuda_graph and not on_cuda:
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
-        self.sync_every = max(1, sync_every or (8 if self.device.type == "cuda" else 1))
+        if sync_every is not None and sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1 (or None for the device's default), got {sync_every}")
+        self.sync_every = sync_every or (8 if self.device.type == "cuda" else 1)
         self.eos_token_ids = tuple(_default_eos(tokenizer) if eos_token_ids is None else eos_token_ids)
         self.pad_token_id = self.eos_token_ids[0] if self.eos_token_ids else DEFAULT_EOS_TOKEN_ID
         self._sample = _pick_sampler(sampler, self.device)

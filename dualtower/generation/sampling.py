@@ -69,14 +69,6 @@ class SamplingConfig:
         if any(not s for s in self.stop_strings):
             raise ValueError("stop strings must be non-empty")
 
-    @property
-    def uses_top_k(self) -> bool:
-        return self.top_k > 0
-
-    @property
-    def uses_top_p(self) -> bool:
-        return self.top_p < 1.0
-
 
 def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
     return logits / temperature if temperature != 1.0 else logits
