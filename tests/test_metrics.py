@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import resource
+import sys
 import time
 from dataclasses import replace
 
@@ -12,6 +13,8 @@ import pytest
 import torch
 from test_train_utils import build_trainer, default_job, make_batches, one_thread, read_metrics, tiny_model  # noqa: F401
 
+from dualtower.config import MetricsSection
+from dualtower.model.config import ConfigError
 from dualtower.training.metrics import MetricsLogger, peak_memory_gib
 from dualtower.training.trainer import _Window
 
@@ -169,3 +172,52 @@ def test_a_final_checkpoint_records_the_data_counters_once(tmp_path) -> None:
     _with_counters(trainer, LoaderStats(read=5, samples=5))
     trainer.train()
     assert [r["step"] for r in read_metrics(tmp_path) if "data/read" in r] == [2]
+
+
+class _FakeWandbRun:
+    def __init__(self, **init_kwargs) -> None:
+        self.init_kwargs, self.logged, self.finished = init_kwargs, [], False
+
+    def log(self, values: dict, step: int) -> None:
+        self.logged.append((step, values))
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+def test_wandb_gets_every_record_at_its_step_without_nulls(tmp_path, monkeypatch) -> None:
+    runs: list[_FakeWandbRun] = []
+    fake = type("wandb", (), {"init": staticmethod(lambda **kwargs: runs.append(_FakeWandbRun(**kwargs)) or runs[-1])})
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = replace(default_job().metrics, wandb=True, wandb_project="proj", progress="none")
+    logger = MetricsLogger(cfg, tmp_path / "run_a", True, 4, {"model": {"flavor": "debug"}})
+    logger.log({"step": 2, "loss": 1.5, "mfu": None, "grad_norm": float("nan")})
+    logger.log({"step": 2, "eval/loss": 0.5})
+    logger.close()
+    (run,) = runs
+    assert run.init_kwargs == {"project": "proj", "entity": None, "name": "run_a", "mode": "offline",
+                               "dir": str(tmp_path / "run_a"), "config": {"model": {"flavor": "debug"}}}
+    assert run.logged == [(2, {"loss": 1.5}), (2, {"eval/loss": 0.5})] and run.finished
+    MetricsLogger(cfg, tmp_path / "rank1", False, 4, {}).close()  # only rank 0 starts a run
+    assert len(runs) == 1
+
+
+def test_wandb_missing_is_a_config_error(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    cfg = replace(default_job().metrics, wandb=True)
+    with pytest.raises(ConfigError, match=r"metrics.wandb = true needs wandb: pip install"):
+        MetricsLogger(cfg, tmp_path, True, 4, {})
+
+
+def test_the_default_progress_bar_shows_the_step_and_every_training_figure(tmp_path, capsys) -> None:
+    cfg = MetricsSection()
+    assert cfg.progress == "bar"
+    logger = MetricsLogger(cfg, tmp_path, True, 10, {})
+    logger.log({"step": 5, "loss": 2.25, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 1234.5, "mfu": None,
+                "peak_mem_gib": 1.0, "packing_efficiency": 0.875})
+    logger.log({"step": 5, "eval/accuracy": 0.75})
+    logger.close()
+    bar_line, _, eval_line = capsys.readouterr().err.splitlines()
+    assert bar_line.startswith("[" + "#" * 15 + "." * 15 + "] 5/10 loss 2.25  lr 0.001  grad_norm 0.5  ")
+    assert "tokens_per_s 1234  mfu -  peak_mem_gib 1  packing_efficiency 0.875" in bar_line
+    assert eval_line == "eval step 5: eval/accuracy 0.75"

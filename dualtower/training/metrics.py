@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from dualtower.data.counters import LoaderStats
+from dualtower.model.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,8 @@ def _start_wandb(metrics_cfg, run_dir: Path, config_dict: dict[str, Any]):
     try:
         import wandb
     except ImportError as exc:
-        raise RuntimeError("metrics.wandb = true needs wandb: pip install 'dualtower[wandb]'") from exc
+        # A setting this environment cannot honour: one line from train/main.py, not a traceback.
+        raise ConfigError("metrics.wandb = true needs wandb: pip install 'dualtower[wandb]'") from exc
     return wandb.init(
         project=metrics_cfg.wandb_project,
         entity=metrics_cfg.wandb_entity or None,
