@@ -152,12 +152,13 @@ def test_the_train_datas_drops_are_recorded_at_checkpoints_and_the_end(tmp_path,
     cfg = _job(steps=3, log_every=1)
     cfg.checkpoint.enabled, cfg.checkpoint.every, cfg.metrics.progress = True, 2, "line"
     trainer = build_trainer(model, _packed_batches(model, 3), tmp_path, cfg)
-    stats = LoaderStats(read=12, samples=8, dropped=Counter(bad_image=3, too_long=1), events=Counter(truncated=2))
+    stats = LoaderStats(read=12, samples=8, rows=4, tiles=10, dropped=Counter(bad_image=3, too_long=1),
+                        events=Counter(truncated=2))
     _with_counters(trainer, stats)
     trainer.train()
     data = [r for r in read_metrics(tmp_path) if "data/read" in r]
-    expected = {"data/read": 12, "data/samples": 8, "data/dropped": 4, "data/dropped/bad_image": 3,
-                "data/dropped/too_long": 1, "data/converted/truncated": 2}
+    expected = {"data/read": 12, "data/samples": 8, "data/dropped": 4, "data/tiles_per_row": 2.5,
+                "data/dropped/bad_image": 3, "data/dropped/too_long": 1, "data/converted/truncated": 2}
     assert data == [{"step": 2, **expected}, {"step": 3, **expected}]  # the checkpoint at 2, the end at 3
     assert "data step 3: data/read 12" in capsys.readouterr().err
 

@@ -57,15 +57,3 @@ class LoaderStats:
     def from_dict(cls, data: dict[str, Any]) -> LoaderStats:
         plain = {k: v for k, v in data.items() if k not in ("dropped", "events")}
         return cls(**plain, dropped=Counter(data.get("dropped", {})), events=Counter(data.get("events", {})))
-
-    def summary(self) -> dict[str, Any]:
-        """The derived numbers one logs."""
-        return {
-            "samples": self.samples,
-            "batches": self.batches,
-            "rows": self.rows,
-            "packing_efficiency": round(self.packing_efficiency, 5),
-            "tiles_per_row": round(self.tiles_per_row, 3),
-            "dropped": dict(self.dropped),
-            "events": dict(self.events),
-        }

@@ -4,7 +4,7 @@ optional Weights & Biases, all written by rank 0.
 Training records (every `log_every` steps, at the last step and at each checkpoint's step) carry `step`,
 `loss`, `lr`, `grad_norm`, `tokens_per_s`, `mfu`, `peak_mem_gib`, `packing_efficiency` (plus `lr/<tower>`,
 `skipped_steps`); evaluation records carry `eval/...` keys; at each checkpoint and at the end, a record of the
-train data's counters over all ranks: `data/read`, `data/samples`, `data/dropped` and per reason
+train data's counters over all ranks: `data/read`, `data/samples`, `data/dropped`, `data/tiles_per_row`, per reason
 `data/dropped/<reason>`, `data/converted/<kind>` (truncated, repaired, ...).
 `mfu` is null where the device's peak is unknown (CPUs; see dualtower.training.flops). `packing_efficiency`
 (non-pad tokens / row capacity) is null when `data.pack` is off: nothing is padded then, rows have no capacity.
@@ -90,6 +90,7 @@ class MetricsLogger:
             "data/read": total.read,
             "data/samples": total.samples,
             "data/dropped": total.num_dropped,
+            "data/tiles_per_row": total.tiles_per_row,  # of the batches made so far (some may be buffered)
             **{f"data/dropped/{reason}": count for reason, count in sorted(total.dropped.items())},
             **{f"data/converted/{kind}": count for kind, count in sorted(total.events.items())},
         })
