@@ -6,10 +6,11 @@ Backends (DESIGN.md section 2):
     "torch_varlen"  torch.nn.attention.varlen.varlen_attn (attention only; CUDA)
     "chunked"       pure PyTorch, supervised rows only, in chunks (linear cross-entropy only; any device)
     "reference"     pure PyTorch: the CPU fallback and the test oracle
-"auto" picks the fastest available on the tensors' device: triton on CUDA; on CPU chunked where an op has it,
-else reference. Override with `set_backend(name)` (what the model / trainer config passes),
-`set_backend(name, op=...)` for one op, or the environment variable DUALTOWER_BACKEND. A forced backend applies
-to the ops that implement it; the others keep their automatic choice (so "flash" changes attention only).
+"auto" picks the fastest available on the tensors' device: triton on CUDA (fp64 excepted: the kernels compute
+in fp32 at most); on CPU, and for fp64, chunked where an op has it, else reference. Override with
+`set_backend(name)` (what the model / trainer config passes), `set_backend(name, op=...)` for one op, or the
+environment variable DUALTOWER_BACKEND. A forced backend applies to the ops that implement it; the others keep
+their automatic choice (so "flash" changes attention only).
 flash / torch_varlen get K = [prefix; text] per document, concatenated: their bottom-right-aligned causal mask
 is exactly our semantics.
 
@@ -35,7 +36,7 @@ from dualtower_kernels import linear_cross_entropy as _lce
 from dualtower_kernels import prefix_attention as _prefix
 from dualtower_kernels import prefix_attention_reference as _prefix_reference
 from dualtower_kernels import projector as _projector
-from dualtower_kernels._common import INTERPRET
+from dualtower_kernels._common import INTERPRET, KERNEL_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,10 @@ def _library_prefix_attention(attend, q, k, v, k_prefix, v_prefix, cu_text, cu_p
     """
     in_text = (torch.arange(q.shape[0], device=q.device) < cu_text[-1])[:, None, None]
     q, k, v = (torch.where(in_text, t, 0) for t in (q, k, v))
-    if k_prefix.shape[0] == 0:  # the left tower's causal pass: nothing to merge
+    # The left tower's causal pass has nothing to merge. An empty prefix from the left tower (a text-only batch)
+    # still goes through the merge: dropping it would leave the left tower without gradients (None, not the
+    # zeros the other backends give), and sharded data parallelism needs the same gradients on every rank.
+    if k_prefix.shape[0] == 0 and not (k_prefix.requires_grad or v_prefix.requires_grad):
         keys, values, cu_k = k, v, cu_text
     else:
         in_prefix = (torch.arange(k_prefix.shape[0], device=q.device) < cu_prefix[-1])[:, None, None]
@@ -189,6 +193,15 @@ def is_available(backend: str, device: torch.device | str) -> bool:
     return False
 
 
+def _requirement(backend: str) -> str:
+    """What `backend` needs, for the error that refuses it (a bare "not available" leaves the user guessing)."""
+    return {
+        TRITON: "it needs a CUDA device (or TRITON_INTERPRET=1 on a CPU, set before dualtower is imported)",
+        FLASH: "it needs a CUDA device and flash-attn (pip install 'dualtower[flash]')",
+        TORCH_VARLEN: "it needs a CUDA device and a torch with torch.nn.attention.varlen.varlen_attn",
+    }.get(backend, "no device here runs it")
+
+
 def implementation(op: str, backend: str) -> Callable[..., Tensor]:
     """The function `backend` runs for `op` (benchmarks time each one directly)."""
     return _IMPLEMENTATIONS[op][backend]
@@ -198,16 +211,20 @@ def available_backends(op: str, device: torch.device | str = "cpu") -> list[str]
     return [name for name in _IMPLEMENTATIONS[op] if is_available(name, device)]
 
 
-def selected_backend(op: str, device: torch.device | str) -> str:
-    """The backend `op` would use on `device` now."""
+def selected_backend(op: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The backend `op` would use on `device` now, for inputs of `dtype` (None: any the kernels take)."""
     wanted = _op_overrides.get(op) or _override or os.environ.get("DUALTOWER_BACKEND") or AUTO
     if wanted not in BACKENDS:
         raise ValueError(f"DUALTOWER_BACKEND={wanted!r} is not a backend; choose one of {', '.join(BACKENDS)}")
     if wanted != AUTO and wanted in _IMPLEMENTATIONS[op]:
         if not is_available(wanted, device):
-            raise RuntimeError(f"backend {wanted!r} is not available for {op} on {torch.device(device).type} here")
+            device_type = torch.device(device).type
+            raise RuntimeError(
+                f"backend {wanted!r} is not available for {op} on {device_type} here: {_requirement(wanted)}"
+            )
         return wanted
-    if torch.device(device).type == "cuda":
+    # The kernels compute in fp32 at most: fp64 (a parity check, say) takes the twins, as on a CPU.
+    if torch.device(device).type == "cuda" and (dtype is None or dtype in KERNEL_DTYPES):
         return TRITON
     return CHUNKED if CHUNKED in _IMPLEMENTATIONS[op] else REFERENCE
 
@@ -218,8 +235,8 @@ def check_backends(device: torch.device | str) -> None:
         selected_backend(op, device)
 
 
-def _resolve(op: str, device: torch.device) -> Callable[..., Tensor]:
-    name = selected_backend(op, device)
+def _resolve(op: str, device: torch.device, dtype: torch.dtype) -> Callable[..., Tensor]:
+    name = selected_backend(op, device, dtype)
     key = (op, name, device.type)
     # is_compiling() first: dynamo would otherwise guard on the set's contents and recompile when it grows.
     if not torch.compiler.is_compiling() and key not in _logged:
@@ -286,7 +303,7 @@ def prefix_attention(
     Per document: its text queries see its whole prefix and its text causally. No document sees another.
     cu_text / cu_prefix are (B + 1,) int32 offsets; max_text_len / max_prefix_len bound the per-document lengths.
     """
-    impl = _resolve("prefix_attention", q.device)
+    impl = _resolve("prefix_attention", q.device, q.dtype)
     return impl(q, k, v, k_prefix, v_prefix, cu_text, cu_prefix, max_text_len, max_prefix_len, scale)
 
 
@@ -307,16 +324,16 @@ def decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, scale: float | None = None
 ) -> Tensor:
     """q (B, Hq, D) over caches (B, Hkv, S, D) where row b holds lengths[b] valid positions -> (B, Hq, D)."""
-    return _resolve("decode_attention", q.device)(q, k_cache, v_cache, lengths, scale)
+    return _resolve("decode_attention", q.device, q.dtype)(q, k_cache, v_cache, lengths, scale)
 
 
 @_autocast_like_a_matmul
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
     """Sum over supervised tokens of CE(hidden @ weight.T, labels), in at least fp32; hidden (N, C), weight (V, C)."""
-    return _resolve("linear_cross_entropy", hidden.device)(hidden, weight, labels, ignore_index)
+    return _resolve("linear_cross_entropy", hidden.device, hidden.dtype)(hidden, weight, labels, ignore_index)
 
 
 @_autocast_like_a_matmul
 def pixel_shuffle_project(x: Tensor, weight: Tensor, factor: int) -> Tensor:
     """Pixel shuffle (N, S, C) -> (N, S / f^2, C f^2) then a bias-free linear layer with weight (O, C f^2)."""
-    return _resolve("pixel_shuffle_project", x.device)(x, weight, factor)
+    return _resolve("pixel_shuffle_project", x.device, x.dtype)(x, weight, factor)

@@ -63,6 +63,21 @@ def check_triton_device(*tensors: torch.Tensor) -> None:
             )
 
 
+# What the kernels compute in: their statistics and accumulators are fp32, so fp64 would silently get fp32
+# precision, and integers garbage. fp64 runs through the twins (the 'reference' backend).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_kernel_dtype(*tensors: Tensor) -> None:
+    """Raise unless every tensor is float16, bfloat16 or float32."""
+    for t in tensors:
+        if t.dtype not in KERNEL_DTYPES:
+            raise ValueError(
+                f"the triton kernels take float16, bfloat16 or float32 tensors, got {t.dtype}; "
+                "use the 'reference' backend for other dtypes"
+            )
+
+
 def check_offsets(cu_text: Tensor, cu_prefix: Tensor) -> None:
     """Prefix attention's cu_text / cu_prefix: one (B + 1,) integer tensor each, over the same B documents.
 

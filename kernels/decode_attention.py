@@ -26,7 +26,14 @@ import triton.language as tl
 from torch import Tensor
 from torch.nn.functional import scaled_dot_product_attention
 
-from dualtower_kernels._common import INTERPRET, check_triton_device, dot_precision, sm_count, upcast_dots
+from dualtower_kernels._common import (
+    INTERPRET,
+    check_kernel_dtype,
+    check_triton_device,
+    dot_precision,
+    sm_count,
+    upcast_dots,
+)
 
 
 def decode_attention_reference(
@@ -44,14 +51,14 @@ def decode_attention_reference(
 @triton.jit
 def _decode_split_kernel(
     Q, K, V, LENGTHS, PART_O, PART_LSE,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    stride_lengths, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     n_q_heads, group, capacity, split_len, n_splits, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # A length past the capacity sees the whole cache (as the twin's mask does), never memory past it.
-    length = tl.minimum(tl.load(LENGTHS + row), capacity)
+    length = tl.minimum(tl.load(LENGTHS + row * stride_lengths), capacity)
     start = split * split_len
     end = tl.minimum(start + split_len, length)
     offs_h = tl.arange(0, BLOCK_H)
@@ -146,6 +153,7 @@ def _check_inputs(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor) 
     if not q.dtype == k_cache.dtype == v_cache.dtype:
         dtypes = f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
         raise ValueError(f"q, k_cache and v_cache must share one dtype, got {dtypes}")
+    check_kernel_dtype(q)
     if len({t.device for t in (q, k_cache, v_cache, lengths)}) != 1:
         raise ValueError("q, k_cache, v_cache and lengths must be on one device")
     check_triton_device(q, k_cache, v_cache)
@@ -170,7 +178,7 @@ def decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Te
     block_d = max(16, triton.next_power_of_2(head_dim))
     _decode_split_kernel[(rows, kv_heads, n_splits)](
         q, k_cache, v_cache, lengths, part_o, part_lse,
-        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        lengths.stride(0), q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         q_heads, group, capacity, split_len, n_splits, scale,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         UPCAST=upcast_dots(q.dtype), PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2,

@@ -145,6 +145,21 @@ def _fp32_out_mm_works(dtype: torch.dtype) -> bool:
         return False
 
 
+def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor) -> None:
+    """What F.cross_entropy (the twin) rejects: without these checks integer activations gave a loss, float labels
+    a Triton type error and a 1-D weight a misleading vocabulary error."""
+    # Rows are picked by label: with fewer labels than rows the others would be dropped from the loss silently.
+    if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
+        raise ValueError(f"labels {tuple(labels.shape)} must hold one label per row of hidden {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight {tuple(weight.shape)} must be (vocab, {hidden.shape[1]}) for hidden "
+                         f"{tuple(hidden.shape)}")
+    if not (hidden.is_floating_point() and weight.is_floating_point()):
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must be floating point")
+    if labels.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"labels must be integer (int32 / int64) class indices, got {labels.dtype}")
+
+
 @torch.library.custom_op("dualtower::linear_cross_entropy_fwd", mutates_args=())
 def linear_cross_entropy_fwd(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, need_d_hidden: bool, need_d_weight: bool,
@@ -157,9 +172,7 @@ def linear_cross_entropy_fwd(
     """
     if triton_rows:
         check_triton_device(hidden, weight)
-    # Rows are picked by label: with fewer labels than rows the others would be dropped from the loss silently.
-    if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
-        raise ValueError(f"labels {tuple(labels.shape)} must hold one label per row of hidden {tuple(hidden.shape)}")
+    _check_inputs(hidden, weight, labels)
     ce_rows = _ce_rows_triton if triton_rows else _ce_rows_torch
     hidden, weight = hidden.contiguous(), weight.contiguous()
     # The Triton row pass would read another row's logit for a label outside the vocabulary; F.cross_entropy

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from dualtower_kernels._common import (
     autotune,
+    check_kernel_dtype,
     check_offsets,
     check_triton_device,
     dot_precision,
@@ -215,6 +216,7 @@ def _check_inputs(
         )
     if len({t.dtype for t in (q, k, v, k_prefix, v_prefix)}) != 1:
         raise ValueError("q, k, v, k_prefix and v_prefix must share one dtype")
+    check_kernel_dtype(q)
     check_triton_device(q, k, v, k_prefix, v_prefix)
     if len({t.device for t in (q, k, v, k_prefix, v_prefix, cu_text, cu_prefix)}) != 1:
         raise ValueError("q, k, v, k_prefix, v_prefix, cu_text and cu_prefix must be on one device")
@@ -225,7 +227,10 @@ def _launch_forward(
     max_text_len: int, max_prefix_len: int, scale: float,
 ) -> tuple[Tensor, Tensor]:
     _check_inputs(q, k, v, k_prefix, v_prefix, cu_text, cu_prefix)
-    q, k, v, k_prefix, v_prefix = (t.contiguous() for t in (q, k, v, k_prefix, v_prefix))
+    # The offsets too: the kernels read them as flat arrays, and a strided view would give other documents.
+    q, k, v, k_prefix, v_prefix, cu_text, cu_prefix = (
+        t.contiguous() for t in (q, k, v, k_prefix, v_prefix, cu_text, cu_prefix)
+    )
     lse_shape = (q.shape[1], q.shape[0])
     n_docs = cu_text.shape[0] - 1
     if max_text_len <= 0 or n_docs <= 0 or q.shape[0] == 0:
@@ -245,8 +250,8 @@ def _launch_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor, out: Tensor, lse: Tensor,
     cu_text: Tensor, cu_prefix: Tensor, max_text_len: int, max_prefix_len: int, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    q, k, v, k_prefix, v_prefix, out, grad_out = (
-        t.contiguous() for t in (q, k, v, k_prefix, v_prefix, out, grad_out)
+    q, k, v, k_prefix, v_prefix, out, grad_out, cu_text, cu_prefix = (
+        t.contiguous() for t in (q, k, v, k_prefix, v_prefix, out, grad_out, cu_text, cu_prefix)
     )
     n_docs = cu_text.shape[0] - 1
     if max_text_len <= 0 or n_docs <= 0 or q.shape[0] == 0:

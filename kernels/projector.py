@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dualtower_kernels._common import autotune, check_triton_device, dot_precision, upcast_dots
+from dualtower_kernels._common import autotune, check_kernel_dtype, check_triton_device, dot_precision, upcast_dots
 
 
 def pixel_shuffle(x: Tensor, factor: int) -> Tensor:
@@ -221,6 +221,7 @@ def _geometry(x: Tensor, weight: Tensor, factor: int) -> dict:
         raise ValueError(f"weight has {weight.shape[1]} input features, expected {width} * {factor}^2")
     if x.dtype != weight.dtype:
         raise ValueError(f"x ({x.dtype}) and weight ({weight.dtype}) must share a dtype")
+    check_kernel_dtype(x)
     check_triton_device(x, weight)
     tokens_per_tile = patches // (factor * factor)
     return {
