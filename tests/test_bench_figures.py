@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 from test_trace_tools import _script
@@ -143,6 +144,20 @@ def test_gpu_check_exits_1_however_many_stages_fail(tmp_path: Path) -> None:
                           text=True, timeout=120)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "failed or timed-out stages: decode kernels" in (out / "summary.md").read_text()
+
+
+def test_every_cpu_benchmark_runs(tmp_path: Path) -> None:
+    """`pytest benchmarks/` is not the README's test command: each CPU case runs once here (untimed, compiled
+    cases left out), so a broken benchmark fails CI instead of the next GPU session's short lease."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+         "-m", "not compiled and not slow", f"--junitxml={tmp_path / 'bench.xml'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    suite = ElementTree.parse(tmp_path / "bench.xml").getroot().find("testsuite")
+    ran = int(suite.get("tests")) - int(suite.get("skipped"))
+    assert ran >= 30 and int(suite.get("failures")) == int(suite.get("errors")) == 0  # 32 on 2026-11-28
 
 
 def _bench_extra_info(tmp_path: Path, files: list[str], keyword: str) -> dict[str, dict]:
