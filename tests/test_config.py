@@ -22,12 +22,15 @@ def test_recipes_load_and_validate(name: str, flavor: str) -> None:
     assert cfg.model.flavor == flavor
 
 
-def test_cauldron_recipe_matches_original_preset() -> None:
-    cfg = load_job_config(["--config", str(CONFIGS / "cauldron_135m.toml")])
+@pytest.mark.parametrize("name", ["cauldron_135m", "cauldron_360m"])
+def test_cauldron_recipe_matches_original_preset(name: str) -> None:
+    cfg = load_job_config(["--config", str(CONFIGS / f"{name}.toml")])
     assert (cfg.optim.lr_projector, cfg.optim.lr_vision, cfg.optim.lr_left, cfg.optim.lr_right) == (5e-3, 0, 1e-5, 0)
     assert (cfg.training.steps, cfg.training.micro_batches, cfg.training.max_grad_norm) == (50_000, 32, 1.0)
     assert (cfg.data.rows_per_batch, cfg.data.max_tokens_per_row, cfg.data.source) == (4, 4096, "cauldron")
     assert (cfg.schedule.warmup_ratio, cfg.schedule.min_lr_ratio, cfg.optim.weight_decay) == (0.03, 0.1, 0.01)
+    size = name.removeprefix("cauldron_")
+    assert cfg.model.flavor == size and cfg.model.lm_backbone == f"HuggingFaceTB/SmolLM2-{size.upper()}-Instruct"
 
 
 def test_precedence_cli_over_toml_over_defaults() -> None:
