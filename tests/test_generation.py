@@ -26,11 +26,11 @@ def model() -> DualTowerVLM:
     return varied_debug_model()
 
 
-def varied_debug_model() -> DualTowerVLM:
+def varied_debug_model(flavor: str = "debug") -> DualTowerVLM:
     """A debug model whose greedy outputs vary: wider weights and an untied right head (a random tied head
     mostly echoes the input token)."""
     torch.manual_seed(0)
-    model = DualTowerVLM.from_flavor("debug")
+    model = DualTowerVLM.from_flavor(flavor)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() >= 2 and "embedding" not in name:

@@ -3,13 +3,14 @@ step, in the middle of the final export) resumes without losing or duplicating a
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 import torch
+from test_checkpoint import _job as checkpointed_job
 from test_train_utils import (
     build_trainer,
-    default_job,
     make_batches,
     one_thread,  # noqa: F401 (fixture)
     read_metrics,
@@ -27,13 +28,7 @@ class KilledError(Exception):
     """Stands in for a SIGKILL: the run stops where it is, nothing after runs."""
 
 
-def _job(steps: int, every: int, keep: int = 2):
-    cfg = default_job()
-    cfg.training.steps = steps
-    cfg.checkpoint.enabled = True
-    cfg.checkpoint.every = every
-    cfg.checkpoint.keep = keep
-    return cfg
+_job = functools.partial(checkpointed_job, keep=2)
 
 
 def _kill_at(trainer, step: int):
