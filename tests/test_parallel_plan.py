@@ -83,8 +83,10 @@ def test_checkpointing_wraps_every_block_and_compile_sees_the_wrappers(monkeypat
     monkeypatch.setattr(torch, "compile", record)
     model = tiny_model()
     cfg = ParallelSection(activation_checkpointing=True, compile=True, compile_fullgraph=False)
-    # torch's defaults, restored afterwards by the configs' own patch(): monkeypatch's undo would delete these
-    # config entries (they live outside the instance __dict__) and leave every later reader an AttributeError.
+    # Restored afterwards by the configs' own patch(): monkeypatch's undo would delete these config entries (they
+    # live outside the instance __dict__) and leave every later reader an AttributeError. The values before are
+    # whatever earlier compiling tests in this process left, so the check below compares with them.
+    before = torch._dynamo.config.recompile_limit, fx_config.use_duck_shape
     with torch._dynamo.config.patch(recompile_limit=8), fx_config.patch(use_duck_shape=True):
         assert parallelize(model, cfg, single_env()) == ParallelPlan(fsdp=False, autocast_dtype=None)
         assert torch._dynamo.config.recompile_limit == 32  # two graphs per LM block, plus packed-size variants
@@ -93,7 +95,7 @@ def test_checkpointing_wraps_every_block_and_compile_sees_the_wrappers(monkeypat
     assert len(blocks) == 5 and all(isinstance(block, CheckpointWrapper) for block in blocks)
     assert [module for module, _ in calls] == blocks  # the wrappers are compiled, not the blocks inside them
     assert all(kwargs["fullgraph"] is False and kwargs["dynamic"] is True for _, kwargs in calls)
-    assert torch._dynamo.config.recompile_limit == 8 and fx_config.use_duck_shape
+    assert (torch._dynamo.config.recompile_limit, fx_config.use_duck_shape) == before
 
 
 # -- FSDP2 in a one-rank group ---------------------------------------------------------------------------------

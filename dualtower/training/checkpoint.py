@@ -4,10 +4,15 @@ A checkpoint is a directory `step_XXXXXXXX/` holding
     DCP shards + .metadata      model and optimizer state (sharded under FSDP; loads on any number of ranks)
     train_state.json            step, scheduler, skipped-step counters, world size, param groups, the model's
                                 image preprocessing (rank 0)
-    rank_XXXXX.pt               each rank's data-loader state and RNG states
+    rank_XXXXX.pt               each rank's data-loader state and RNG states (torch CPU and CUDA, python, numpy)
 It is written to `.tmp_step_XXXXXXXX/` and renamed when every rank has finished, so a crash mid-save never
 leaves a partial `step_*` directory and the previous checkpoint stays intact (a save first removes the debris of
 crashed ones). The newest `keep` are kept.
+
+World size: the model and optimizer re-shard onto any number of ranks, and so does the data position where
+reshard_loader_state can map it. The RNG states are restored only on the world size they were saved on: rank r's
+stream has no counterpart among a different number of ranks, and giving one rank's state to several would make
+them draw the same numbers, so on another world size each rank keeps the RNG state it has (logged at info).
 
 Timelines: a run resumed from an older checkpoint (checkpoint.resume=PATH) that publishes step S abandons the
 checkpoints of steps >= S already in the folder. They are moved into `superseded/` (never deleted, never resumed
@@ -194,6 +199,12 @@ class Checkpointer:
             loader.load_state_dict(rank_state["loader"])
             set_rng_state(rank_state["rng"])
             return
+        logger.info(
+            "the checkpoint was saved on %d ranks, this run has %d: its per-rank RNG states are not restored "
+            "(they do not map onto another number of ranks), random draws differ from an uninterrupted run",
+            saved_world,
+            self.env.world_size,
+        )
         # Another world size: re-shard the data position from the states of every saved rank if possible.
         states = [torch.load(path / f"rank_{r:05d}.pt", weights_only=False)["loader"] for r in range(saved_world)]
         reshard = getattr(loader, "load_resharded_state_dict", None)
