@@ -312,7 +312,8 @@ def _fit(
     if max_tokens is None or total <= max_tokens:
         return assemble(segments)
     if prefix_len >= max_tokens:
-        raise SampleError("too_long", f"the images alone take {prefix_len} tokens > {max_tokens}")
+        detail = f"the images alone take {prefix_len} tokens of the {max_tokens}-token limit, leaving none for text"
+        raise SampleError("too_long", detail)
     events["truncated"] += 1
     kept, length = 0, 0
     for start in range(0, len(segments), 2):  # segments alternate user, assistant
