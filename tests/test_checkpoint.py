@@ -15,7 +15,7 @@ from test_train_utils import (
     MAIN,
     ListLoader,
     build_trainer,
-    default_job,
+    checkpointed_job,
     fast_tokenizer_dir,
     make_batches,
     one_thread,  # noqa: F401 (fixture)
@@ -34,24 +34,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 LAYOUT = [(1, 2, 6), (0, 0, 4)]
 
 
-def _job(steps: int, every: int, keep: int = 1):
-    cfg = default_job()
-    cfg.training.steps = steps
-    cfg.checkpoint.enabled = True
-    cfg.checkpoint.every = every
-    cfg.checkpoint.keep = keep
-    return cfg
-
-
 def test_in_process_resume_is_exact_and_keeps_last_k(tmp_path) -> None:
     batches = make_batches(tiny_model(), [LAYOUT] * 6, seed=5)
-    full = build_trainer(tiny_model(), batches, tmp_path / "full", _job(6, 3))
+    full = build_trainer(tiny_model(), batches, tmp_path / "full", checkpointed_job(6, 3))
     full.train()
     reference = full.model.state_dict()
     assert [p.name for p in full.parts.checkpointer.checkpoints()] == ["step_00000006"]  # keep = 1
 
     # The same run, stopped after the checkpoint of step 3 (the loop of Trainer.train, cut short).
-    first = build_trainer(tiny_model(), batches, tmp_path / "split", _job(6, 3))
+    first = build_trainer(tiny_model(), batches, tmp_path / "split", checkpointed_job(6, 3))
     stream = first._batch_stream()
     for _ in range(3):
         first.train_step([next(stream)])
@@ -61,7 +52,7 @@ def test_in_process_resume_is_exact_and_keeps_last_k(tmp_path) -> None:
     first.save()
     # A crash in the middle of a later save leaves only a temporary directory behind: it is never resumed from.
     (tmp_path / "split" / "checkpoints" / ".tmp_step_00000005").mkdir()
-    second = build_trainer(tiny_model(seed=99), batches, tmp_path / "split", _job(6, 3))
+    second = build_trainer(tiny_model(seed=99), batches, tmp_path / "split", checkpointed_job(6, 3))
     assert second.parts.checkpointer.resume_path().name == "step_00000003"
     second.train()
     assert second.step == 6 and isinstance(second.parts.train_loader, ListLoader)
@@ -112,14 +103,14 @@ def test_sigkill_mid_run_resumes_to_the_same_losses(tmp_path) -> None:
 
 def test_resuming_from_an_older_checkpoint_moves_the_abandoned_timeline_aside(tmp_path, caplog) -> None:
     batches = make_batches(tiny_model(), [LAYOUT] * 6, seed=5)
-    build_trainer(tiny_model(), batches, tmp_path, _job(6, 2, keep=3)).train()
+    build_trainer(tiny_model(), batches, tmp_path, checkpointed_job(6, 2, keep=3)).train()
     folder = tmp_path / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["step_00000002", "step_00000004", "step_00000006"]
     (folder / ".tmp_step_00000008").mkdir()  # debris of crashed saves
     (folder / ".old_step_00000006").mkdir()
 
     # Back to step 2 (say, to escape a loss spike), then on to step 5 keeping one checkpoint.
-    job = _job(5, 2, keep=1)
+    job = checkpointed_job(5, 2, keep=1)
     job.checkpoint.resume = str(folder / "step_00000002")
     with caplog.at_level("WARNING", logger="dualtower.training.checkpoint"):
         build_trainer(tiny_model(), batches, tmp_path, job).train()
@@ -182,7 +173,7 @@ def _poisoned(trainer, poisoned: set[int]):
 
 def test_skipped_steps_and_the_nonfinite_streak_survive_a_resume(tmp_path) -> None:
     batches = make_batches(tiny_model(), [LAYOUT] * 6, seed=5)
-    job = _job(3, 3)
+    job = checkpointed_job(3, 3)
     job.training.max_nonfinite_in_row = 3
     _poisoned(build_trainer(tiny_model(), batches, tmp_path, job), {2, 3}).train()  # saved in a streak of 2
     job.training.steps = 6

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_train_utils import (
     build_trainer,
-    default_job,
+    checkpointed_job,
     make_batches,
     one_thread,  # noqa: F401 (fixture)
     tiny_model,
@@ -36,15 +36,6 @@ LAYOUT = [(1, 2, 6), (0, 0, 4)]
 LOGGER = "dualtower.training.checkpoint"
 
 
-def _job(steps: int, every: int, keep: int = 2):
-    cfg = default_job()
-    cfg.training.steps = steps
-    cfg.checkpoint.enabled = True
-    cfg.checkpoint.every = every
-    cfg.checkpoint.keep = keep
-    return cfg
-
-
 def _draws() -> tuple[list[float], list[float], list[float]]:
     """What the next random numbers of torch's CPU generator, python's `random` and numpy's global state are."""
     return torch.rand(5).tolist(), [random.random() for _ in range(5)], np.random.rand(5).tolist()
@@ -61,11 +52,12 @@ def test_resume_restores_the_torch_python_and_numpy_rng_states(tmp_path) -> None
     torch.manual_seed(7)
     random.seed(7)
     np.random.seed(7)
-    build_trainer(tiny_model(), batches, tmp_path, _job(3, 3)).train()  # its last act: the checkpoint of step 3
+    # Its last act: the checkpoint of step 3.
+    build_trainer(tiny_model(), batches, tmp_path, checkpointed_job(3, 3, keep=2)).train()
     uninterrupted = _draws()  # what the run would draw next, had it gone on
 
     _scramble_rng()  # a new process: other states, and building the trainer draws from them
-    resumed = build_trainer(tiny_model(seed=99), batches, tmp_path, _job(6, 3))
+    resumed = build_trainer(tiny_model(seed=99), batches, tmp_path, checkpointed_job(6, 3, keep=2))
     unrestored = checkpoint_module.rng_state()  # fresh copies of the states
     assert resumed._resume() and resumed.step == 3
     assert _draws() == uninterrupted
@@ -86,11 +78,11 @@ def _as_if_saved_on_two_ranks(path) -> None:
 
 def test_resume_on_another_world_size_says_it_leaves_the_rng_alone(tmp_path, caplog) -> None:
     batches = make_batches(tiny_model(), [LAYOUT] * 6, seed=5)
-    build_trainer(tiny_model(), batches, tmp_path, _job(3, 3)).train()
+    build_trainer(tiny_model(), batches, tmp_path, checkpointed_job(3, 3, keep=2)).train()
     _as_if_saved_on_two_ranks(tmp_path / "checkpoints" / "step_00000003")
 
     _scramble_rng()
-    resumed = build_trainer(tiny_model(seed=99), batches, tmp_path, _job(6, 3))
+    resumed = build_trainer(tiny_model(seed=99), batches, tmp_path, checkpointed_job(6, 3, keep=2))
     before = torch.get_rng_state()
     with caplog.at_level("INFO", logger=LOGGER):
         assert resumed._resume() and resumed.step == 3
@@ -124,7 +116,7 @@ def _fail_in_train_state(monkeypatch) -> None:
 @pytest.mark.parametrize("fail", [_fail_in_dcp_save, _fail_in_train_state], ids=["dcp", "train_state"])
 def test_a_save_that_fails_partway_leaves_the_previous_checkpoint_in_charge(tmp_path, monkeypatch, fail) -> None:
     batches = make_batches(tiny_model(), [LAYOUT] * 6, seed=5)
-    first = build_trainer(tiny_model(), batches, tmp_path, _job(5, 3))
+    first = build_trainer(tiny_model(), batches, tmp_path, checkpointed_job(5, 3, keep=2))
     first.train_step([batches[0]])  # any step: what matters is the weights the good checkpoint holds
     first.step = 3
     good = first.save()
@@ -141,7 +133,7 @@ def test_a_save_that_fails_partway_leaves_the_previous_checkpoint_in_charge(tmp_
     assert any((folder / ".tmp_step_00000005").iterdir())  # the failure came after something was written
 
     # resume=auto picks the previous checkpoint, and it loads whole.
-    second = build_trainer(tiny_model(seed=99), batches, tmp_path, _job(4, 4))
+    second = build_trainer(tiny_model(seed=99), batches, tmp_path, checkpointed_job(4, 4, keep=2))
     assert second.parts.checkpointer.resume_path() == good
     assert second._resume() and second.step == 3
     for name, tensor in second.model.state_dict().items():

@@ -92,6 +92,16 @@ def default_job() -> JobConfig:
     return cfg
 
 
+def checkpointed_job(steps: int, every: int, keep: int = 1) -> JobConfig:
+    """default_job with a checkpoint every `every` steps, the newest `keep` kept."""
+    cfg = default_job()
+    cfg.training.steps = steps
+    cfg.checkpoint.enabled = True
+    cfg.checkpoint.every = every
+    cfg.checkpoint.keep = keep
+    return cfg
+
+
 def test_list_loader_is_resumable() -> None:
     loader = ListLoader([1, 2, 3])
     it = iter(loader)
