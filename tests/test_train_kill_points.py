@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
-from test_checkpoint import _job as checkpointed_job
 from test_train_utils import (
     build_trainer,
+    checkpointed_job,
     make_batches,
     one_thread,  # noqa: F401 (fixture)
     read_metrics,
