@@ -59,15 +59,17 @@ def _uneven_cfg() -> DataConfig:
     )
 
 
-def _uneven_loader(tokenizer, debug_cfg):
-    """A finite split over 3 workers where logical worker 1 runs out after one batch and the others go on.
+def _uneven_loader(tokenizer, debug_cfg, dry_shards=(1,)):
+    """A finite split over 3 workers where the logical workers of `dry_shards` run out after one batch and the
+    others go on.
 
-    Shard k holds samples k, k + 3, k + 6, k + 9; every later sample of shard 1 is undecodable.
+    Shard k holds samples k, k + 3, k + 6, k + 9; every later sample of a dry shard is undecodable.
     """
     image = Image.new("RGB", (64, 64), (0, 120, 0))
     raw = [sample([image], (f"question {i}?", f"answer {i}")) for i in range(12)]
-    for index in (4, 7, 10):
-        raw[index] = sample([b"not an image"], ("q", "a"))
+    for shard in dry_shards:
+        for index in (shard + 3, shard + 6, shard + 9):
+            raw[index] = sample([b"not an image"], ("q", "a"))
     loader = build_loader(_uneven_cfg(), debug_cfg, tokenizer, "val")
     loader.source = IndexedSource(raw, 0, shuffle=False)
     return loader
@@ -94,6 +96,17 @@ def test_resume_of_a_finite_pass_after_a_worker_ran_out(tokenizer, debug_cfg):
         resumed = _uneven_loader(tokenizer, debug_cfg)
         resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
         assert _answers(tokenizer, head) + _answers(tokenizer, list(resumed)) == whole, cut
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # 3 workers on 2 cores
+def test_a_second_pass_starts_again_from_the_first_worker(tokenizer, debug_cfg):
+    """Only worker 0 has data at the end, so the pass ends on its turn (the next would be worker 1). A second
+    pass over the same loader starts from scratch: its order must begin with worker 0 again, not worker 1."""
+    torch.set_num_threads(1)
+    loader = _uneven_loader(tokenizer, debug_cfg, dry_shards=(1, 2))
+    first = _answers(tokenizer, list(loader))
+    assert first == [f"answer {i}" for i in (0, 1, 2, 3, 6, 9)]
+    assert _answers(tokenizer, list(loader)) == first
 
 
 def test_state_of_another_rank_is_refused(tokenizer, debug_cfg):
