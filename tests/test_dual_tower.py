@@ -11,12 +11,13 @@ from dualtower.model.config import LMConfig, ModelConfig, VisionConfig, flavor
 from dualtower.model.language import RotaryEmbedding
 
 
-def tiny_config(n_heads: int = 6, n_kv_heads: int = 2) -> ModelConfig:
+def tiny_config(n_heads: int = 6, n_kv_heads: int = 2, n_blocks: int = 2) -> ModelConfig:
     cfg = flavor("debug")
     cfg.vision = VisionConfig(image_size=32, patch_size=8, hidden_dim=16, inter_dim=32, n_heads=2, n_blocks=1)
     # A 200-token base vocabulary keeps the embedding gradients cheap.
     cfg.lm = LMConfig(
-        hidden_dim=8 * n_heads, inter_dim=64, n_heads=n_heads, n_kv_heads=n_kv_heads, n_blocks=2, base_vocab_size=200
+        hidden_dim=8 * n_heads, inter_dim=64, n_heads=n_heads, n_kv_heads=n_kv_heads, n_blocks=n_blocks,
+        base_vocab_size=200,
     )
     return cfg.validate()
 

@@ -13,24 +13,16 @@ from collections import Counter
 import pytest
 import torch
 from model_helpers import random_batch
+from test_dual_tower import tiny_config
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dualtower_kernels.linear_cross_entropy as lce
 from dualtower.model import DualTowerVLM
-from dualtower.model.config import LMConfig, ModelConfig, VisionConfig, flavor
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 # -- the left tower's last layer ---------------------------------------------------------------------------
-
-
-def _tiny_config() -> ModelConfig:
-    cfg = flavor("debug")
-    cfg.vision = VisionConfig(image_size=32, patch_size=8, hidden_dim=16, inter_dim=32, n_heads=2, n_blocks=1)
-    # Three blocks: "earlier blocks run in full" then covers more than one block.
-    cfg.lm = LMConfig(hidden_dim=32, inter_dim=64, n_heads=4, n_kv_heads=2, n_blocks=3, base_vocab_size=200)
-    return cfg.validate()
 
 
 def _watched(decoder: nn.Module, prefix: str) -> dict[str, nn.Module]:
@@ -51,7 +43,8 @@ def _count_calls(modules: dict[str, nn.Module]) -> tuple[Counter, list]:
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 def test_left_tower_skips_last_layer_beyond_kv(grad: bool) -> None:
-    model = DualTowerVLM.from_config(_tiny_config())
+    # Three blocks: "earlier blocks run in full" then covers more than one block.
+    model = DualTowerVLM.from_config(tiny_config(n_heads=4, n_blocks=3))
     batch = random_batch(model, [(1, 3, 5), (0, 0, 4), (2, 1, 3)], torch.Generator().manual_seed(0))
     assert batch.pixel_values.shape[0] > 0  # the images go through the left tower too
     left, right = model.left_decoder, model.right_decoder
