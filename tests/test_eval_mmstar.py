@@ -40,6 +40,9 @@ from dualtower.eval.runner import (
         # Equal ranks: the later position wins (lmms-eval sorts by (rank, position), descending).
         ("(A) or (B)", "B", "A"),  # two "parentheses" candidates
         ("I choose A or B, maybe", "B", ""),  # two "phrase" candidates (the "A " / "B" space ranks lower)
+        # lmms-eval's phrase rule takes each letter's first occurrence after the phrase, inside words too: the
+        # D of "BAD" is the latest phrase candidate and outranks "(C)". Kept as lmms-eval scores it.
+        ("I pick (C), not BAD", "D", ""),
     ],
 )
 def test_letter_extraction_rules(prediction, ranked, first_letter):

@@ -11,8 +11,12 @@ the fused kernel skip the update on the device (`found_inf`) and the skip counte
 skipped steps in the logging window) live on the device until the next logging step. The foreach path checks the
 norm on the host every step. (The fused loss itself syncs once per micro-batch, to select the supervised rows.) A
 step with a non-finite loss or gradient norm adds neither its loss nor its supervised tokens to the logged window
-(a window where no step counts logs loss null). Logging steps: every metrics.log_every steps, the last step and
-each checkpoint's step (a resumed run starts a new window there, so both timelines log the same records).
+(a window where no step counts logs loss null). Whether the update is skipped is decided by the gradient norm
+alone: it is the same number on every rank (the loss is a per-rank sum, and agreeing on it would cost a collective
+per step), and a non-finite loss comes with non-finite gradients (its logits or hidden states are non-finite).
+
+Logging steps: every metrics.log_every steps, the last step and each checkpoint's step (a resumed run starts a new
+window there, so both timelines log the same records).
 """
 
 from __future__ import annotations
