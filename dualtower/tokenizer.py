@@ -288,7 +288,7 @@ def _hub_cached(repo_id: str) -> bool:
 @functools.cache
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
     """One quick TCP probe instead of transformers' minute of retries when offline."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):  # as huggingface_hub reads it
         return False
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
